@@ -1,0 +1,1 @@
+"""ConceptAttention for diffusers multi-modal diffusion transformers."""
