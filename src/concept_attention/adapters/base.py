@@ -1,0 +1,114 @@
+"""The contract every model-family adapter fulfils, and the registry that picks one."""
+
+from __future__ import annotations
+
+import inspect
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..core.session import CallState, ConceptAttention
+
+
+class ModelAdapter(ABC):
+    """Declares how one transformer family runs a concept stream.
+
+    An adapter knows: which blocks are dual-stream, how concepts are encoded by the family's
+    pipeline, how a forward call's inputs give the image grid, and how to install (and undo) the
+    concept-aware attention processors. The scoring math lives in :mod:`concept_attention.core`.
+    """
+
+    family: ClassVar[str] = ""
+    transformer_class_names: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, transformer: nn.Module) -> None:
+        self.transformer = transformer
+        self._undo: list[Callable[[], None]] = []
+
+    # -------------------------------------------------------------- structure
+    @classmethod
+    def matches(cls, transformer: nn.Module) -> bool:
+        return type(transformer).__name__ in cls.transformer_class_names
+
+    @property
+    @abstractmethod
+    def dual_blocks(self) -> Sequence[nn.Module]:
+        """The blocks in which a concept stream runs beside the prompt stream."""
+
+    def default_layers(self) -> list[int]:
+        """The deeper half of the dual blocks (paper: FLUX.1 blocks 9–18)."""
+        n = len(self.dual_blocks)
+        return list(range(n // 2, n))
+
+    # -------------------------------------------------------------- concepts
+    @abstractmethod
+    def encode_concepts(
+        self, pipeline: Any, concepts: Sequence[str], max_sequence_length: int | None
+    ) -> list[torch.Tensor]:
+        """Encode each concept alone through the pipeline's prompt encoder.
+
+        Returns one ``(tokens, embed_dim)`` tensor per concept with special and padding
+        tokens removed.
+        """
+
+    @property
+    @abstractmethod
+    def concept_embed_dim(self) -> int:
+        """Width of a concept embedding as the bare transformer expects it."""
+
+    # -------------------------------------------------------------- calls
+    def bind_call(self, args: tuple, kwargs: dict) -> inspect.BoundArguments:
+        signature = inspect.signature(type(self.transformer).forward)
+        bound = signature.bind_partial(self.transformer, *args, **kwargs)
+        return bound
+
+    @abstractmethod
+    def begin_call(self, bound: inspect.BoundArguments, call: "CallState") -> None:
+        """Fill the call state (batch size, grid, concept rows, ...) from a forward call."""
+
+    # -------------------------------------------------------------- install
+    @abstractmethod
+    def install(self, session: "ConceptAttention", blocks: Sequence[int]) -> None:
+        """Put concept-aware processors (and any hooks) on ``blocks``; register undo actions."""
+
+    def on_undo(self, action: Callable[[], None]) -> None:
+        self._undo.append(action)
+
+    def restore(self) -> None:
+        """Undo everything :meth:`install` did, newest first; never raises half-way."""
+        errors = []
+        while self._undo:
+            action = self._undo.pop()
+            try:
+                action()
+            except Exception as error:  # keep restoring the rest
+                errors.append(error)
+        if errors:
+            raise errors[0]
+
+
+_REGISTRY: list[type[ModelAdapter]] = []
+
+
+def register_adapter(cls: type[ModelAdapter]) -> type[ModelAdapter]:
+    """Class decorator adding an adapter to the registry."""
+    _REGISTRY.append(cls)
+    return cls
+
+
+def supported_transformers() -> list[str]:
+    return [name for cls in _REGISTRY for name in cls.transformer_class_names]
+
+
+def resolve_adapter(transformer: nn.Module) -> ModelAdapter:
+    """The adapter for ``transformer``'s class, or a TypeError listing what is supported."""
+    for cls in _REGISTRY:
+        if cls.matches(transformer):
+            return cls(transformer)
+    raise TypeError(
+        f"ConceptAttention does not support {type(transformer).__name__}; supported transformer "
+        f"classes: {', '.join(supported_transformers())}"
+    )

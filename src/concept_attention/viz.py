@@ -1,0 +1,93 @@
+"""Colouring, upsampling and overlays for concept maps (no model code here)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+Normalization = Literal["per_concept", "global", "none"]
+DEFAULT_CMAP = "inferno"
+
+
+def upsample(maps: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
+    """Resize the last two dims of ``maps`` to ``size`` = (height, width)."""
+    lead = maps.shape[:-2]
+    flat = maps.reshape(-1, 1, *maps.shape[-2:]).float()
+    kwargs = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
+    out = F.interpolate(flat, size=tuple(size), mode=mode, **kwargs)
+    return out.reshape(*lead, *size)
+
+
+def normalize(maps: torch.Tensor, mode: Normalization = "per_concept") -> torch.Tensor:
+    """Scale ``(B, C, ..., h, w)`` maps into [0, 1].
+
+    ``per_concept`` stretches each (image, concept) map on its own min/max, so every panel uses
+    the full colour range; ``global`` uses one min/max per image across all its concepts, so
+    panels are comparable with each other; ``none`` only clips to [0, 1] (useful for softmax maps,
+    which already are probabilities).
+    """
+    maps = maps.float()
+    if mode == "none":
+        return maps.clamp(0, 1)
+    if mode == "per_concept":
+        dims = tuple(range(2, maps.dim()))
+    elif mode == "global":
+        dims = tuple(range(1, maps.dim()))
+    else:
+        raise ValueError(f"normalization must be 'per_concept', 'global' or 'none', not {mode!r}")
+    low = maps.amin(dim=dims, keepdim=True)
+    high = maps.amax(dim=dims, keepdim=True)
+    return (maps - low) / (high - low).clamp(min=1e-12)
+
+
+def colorize(values: np.ndarray | torch.Tensor, cmap: str = DEFAULT_CMAP) -> np.ndarray:
+    """Map a 2-D array in [0, 1] to an RGB uint8 image with a matplotlib colour map."""
+    from matplotlib import colormaps
+
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().numpy()
+    rgba = colormaps[cmap](np.clip(values, 0.0, 1.0))
+    return (rgba[..., :3] * 255.0 + 0.5).astype(np.uint8)
+
+
+def to_rgb_image(image: Image.Image | np.ndarray | torch.Tensor) -> Image.Image:
+    """Best-effort conversion of a pipeline output image to an RGB PIL image."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, torch.Tensor):
+        array = image.detach().cpu().float().numpy()
+        if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+            array = array.transpose(1, 2, 0)
+    else:
+        array = np.asarray(image)
+    if array.dtype != np.uint8:
+        array = np.clip(array, 0.0, 1.0) * 255.0 + 0.5
+        array = array.astype(np.uint8)
+    if array.ndim == 2:
+        array = np.stack([array] * 3, axis=-1)
+    if array.shape[-1] == 1:
+        array = np.repeat(array, 3, axis=-1)
+    return Image.fromarray(array[..., :3])
+
+
+def blend(image: Image.Image, heat: np.ndarray, alpha: float = 0.5) -> Image.Image:
+    """Alpha-blend an RGB uint8 heat map (same size as ``image``) over ``image``."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    base = np.asarray(image.convert("RGB"), dtype=np.float32)
+    mixed = (1.0 - alpha) * base + alpha * heat.astype(np.float32)
+    return Image.fromarray(np.clip(mixed + 0.5, 0, 255).astype(np.uint8))
+
+
+def label_palette(num_labels: int) -> np.ndarray:
+    """Distinct RGB colours (uint8, ``(num_labels, 3)``) for segmentation labels."""
+    from matplotlib import colormaps
+
+    name = "tab10" if num_labels <= 10 else "tab20"
+    cmap = colormaps[name]
+    colours = [cmap(i % cmap.N)[:3] for i in range(num_labels)]
+    return (np.asarray(colours) * 255.0 + 0.5).astype(np.uint8)
