@@ -9,6 +9,11 @@
 from .core.maps import ConceptMaps
 from .core.scoring import SPACES
 from .core.session import ConceptAttention
+from .explain import explain, load_image
+from .generate import generate
+from .loading import load_pipeline
 
 __version__ = "0.1.0"
-__all__ = ["ConceptAttention", "ConceptMaps", "SPACES", "__version__"]
+__all__ = [
+    "ConceptAttention", "ConceptMaps", "SPACES", "explain", "generate", "load_image", "load_pipeline", "__version__",
+]

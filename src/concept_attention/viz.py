@@ -91,3 +91,77 @@ def label_palette(num_labels: int) -> np.ndarray:
     cmap = colormaps[name]
     colours = [cmap(i % cmap.N)[:3] for i in range(num_labels)]
     return (np.asarray(colours) * 255.0 + 0.5).astype(np.uint8)
+
+
+def segmentation_image(labels: np.ndarray, num_labels: int) -> Image.Image:
+    """Colour an (H, W) integer label array with :func:`label_palette`."""
+    palette = label_palette(num_labels)
+    return Image.fromarray(palette[np.asarray(labels, dtype=np.int64)])
+
+
+def concept_figure(
+    maps: "ConceptMaps",  # noqa: F821
+    image: Image.Image,
+    *,
+    compare: "ConceptMaps | None" = None,  # noqa: F821
+    batch_index: int = 0,
+    alpha: float = 0.5,
+    cmap: str = DEFAULT_CMAP,
+    normalize_mode: Normalization = "per_concept",
+    panel_size: float = 2.2,
+):
+    """A matplotlib figure: the image, one overlay per concept, the argmax segmentation with a legend.
+
+    With ``compare`` (e.g. the raw cross-attention maps of the same run), a second row shows
+    those maps the same way, as the paper's figures do.
+    """
+    import matplotlib
+
+    if matplotlib.get_backend().lower() not in ("agg", "pdf", "svg", "ps", "cairo") and not _has_display():
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    rows = [maps] if compare is None else [maps, compare]
+    concepts = maps.concepts
+    columns = len(concepts) + 2
+    figure, axes = plt.subplots(
+        len(rows), columns, figsize=(panel_size * columns, panel_size * len(rows) + 0.4), squeeze=False
+    )
+    base = to_rgb_image(image)
+    size = (base.height, base.width)
+    palette = label_palette(len(concepts))
+    for row, row_maps in enumerate(rows):
+        label = {"output": "ConceptAttention", "cross_attention": "cross-attention", "value": "value space"}.get(
+            row_maps.space, row_maps.space
+        )
+        ax = axes[row][0]
+        ax.imshow(base)
+        ax.set_title("image" if row == 0 else "", fontsize=9)
+        ax.set_ylabel(label, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if row > 0:
+            ax.imshow(np.full((*size, 3), 255, dtype=np.uint8))
+            ax.set_frame_on(False)
+        for column, concept in enumerate(concepts):
+            ax = axes[row][column + 1]
+            ax.imshow(row_maps.overlay(base, concept, batch_index, alpha=alpha, cmap=cmap, normalize=normalize_mode))
+            ax.set_title(concept, fontsize=9)
+            ax.axis("off")
+        labels = upsample(row_maps.tensor[batch_index : batch_index + 1], size).argmax(dim=1)[0].numpy()
+        ax = axes[row][-1]
+        ax.imshow(blend(base, palette[labels], 0.6))
+        ax.set_title("segmentation", fontsize=9)
+        ax.axis("off")
+        if row == 0:
+            handles = [Patch(color=palette[i] / 255.0, label=name) for i, name in enumerate(concepts)]
+            ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
+    figure.tight_layout()
+    return figure
+
+
+def _has_display() -> bool:
+    import os
+
+    return bool(os.environ.get("DISPLAY"))

@@ -164,7 +164,7 @@ def _fixture_arrays(k: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _write_gtsegs(path: Path) -> None:
     """Write a small MATLAB v7.3-style file: struct ``value`` of N x 1 cell fields."""
-    h5py = pytest.importorskip("h5py")
+    import h5py
     with h5py.File(path, "w") as f:
         refs = f.create_group("#refs#")
         n = len(FIXTURE_IDS)

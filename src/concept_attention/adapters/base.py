@@ -69,6 +69,29 @@ class ModelAdapter(ABC):
     def begin_call(self, bound: inspect.BoundArguments, call: "CallState") -> None:
         """Fill the call state (batch size, grid, concept rows, ...) from a forward call."""
 
+    # -------------------------------------------------------------- real images
+    def image_size_rule(self, pipeline: Any) -> tuple[int, int]:
+        """(native shorter side in pixels, multiple every side must be) for ``explain``."""
+        raise NotImplementedError(f"explaining real images is not supported for the {self.family} family yet")
+
+    def explain_inputs(
+        self,
+        pipeline: Any,
+        pixels: torch.Tensor,
+        prompt: str,
+        timestep: float,
+        noise: torch.Tensor | None,
+        num_samples: int,
+        generator: torch.Generator,
+        max_sequence_length: int | None,
+    ) -> dict[str, Any]:
+        """Transformer keyword arguments for noised latents of ``pixels`` (1, 3, H, W in [-1, 1])."""
+        raise NotImplementedError(f"explaining real images is not supported for the {self.family} family yet")
+
+    def last_module_for(self, layer: int) -> nn.Module:
+        """The module after which nothing is needed once ``layer``'s maps are recorded (early exit)."""
+        return self.dual_blocks[layer]
+
     # -------------------------------------------------------------- install
     @abstractmethod
     def install(self, session: "ConceptAttention", blocks: Sequence[int]) -> None:

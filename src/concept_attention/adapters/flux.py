@@ -208,6 +208,55 @@ class FluxAdapter(ModelAdapter):
         length = max_sequence_length or _call_default(pipeline, "max_sequence_length") or 512
         return encode_with_t5(tokenizer, encoder, concepts, int(length))
 
+    # ------------------------------------------------------------------ real images
+    def image_size_rule(self, pipeline: Any) -> tuple[int, int]:
+        scale = int(getattr(pipeline, "vae_scale_factor", 8))
+        native = int(getattr(pipeline, "default_sample_size", 128)) * scale
+        return native, scale * 2
+
+    def explain_inputs(
+        self,
+        pipeline: Any,
+        pixels: torch.Tensor,
+        prompt: str,
+        timestep: float,
+        noise: torch.Tensor | None,
+        num_samples: int,
+        generator: torch.Generator,
+        max_sequence_length: int | None,
+    ) -> dict[str, Any]:
+        vae, transformer = pipeline.vae, self.transformer
+        device, dtype = transformer.device, transformer.dtype
+        with torch.no_grad():
+            encoded = vae.encode(pixels.to(device=device, dtype=vae.dtype)).latent_dist.mode()
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        latents = ((encoded - shift) * vae.config.scaling_factor).to(dtype)
+        latents = latents.expand(num_samples, -1, -1, -1)
+        if noise is None:
+            noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
+        noised = (1.0 - timestep) * latents + timestep * noise
+        batch, channels, height, width = noised.shape
+        packed = pipeline._pack_latents(noised, batch, channels, height, width)
+        image_ids = pipeline._prepare_latent_image_ids(batch, height // 2, width // 2, device, dtype)
+        length = max_sequence_length or _call_default(pipeline, "max_sequence_length") or 512
+        with torch.no_grad():
+            prompt_embeds, pooled, text_ids = pipeline.encode_prompt(
+                prompt=prompt, prompt_2=None, device=device, num_images_per_prompt=num_samples,
+                max_sequence_length=int(length),
+            )
+        inputs = {
+            "hidden_states": packed,
+            "encoder_hidden_states": prompt_embeds.to(dtype),
+            "pooled_projections": pooled.to(dtype),
+            "timestep": torch.full((batch,), float(timestep), device=device, dtype=dtype),
+            "img_ids": image_ids,
+            "txt_ids": text_ids,
+            "return_dict": False,
+        }
+        if transformer.config.guidance_embeds:
+            inputs["guidance"] = torch.full((batch,), 3.5, device=device, dtype=torch.float32)
+        return inputs
+
     def _rows(self, session: "ConceptAttention", dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         rows = self._concept_rows
         if rows is None or rows.dtype != dtype or rows.device != device:

@@ -41,6 +41,10 @@ class ConceptMaps:
     softmax: bool = True
     per_layer: torch.Tensor | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    image: Image.Image | None = field(default=None, repr=False, compare=False)
+    """The image the maps belong to (generated or explained), used by ``save`` and ``figure``."""
+    others: dict[str, "ConceptMaps"] = field(default_factory=dict, repr=False, compare=False)
+    """Maps of the same run in other spaces (e.g. ``others["cross_attention"]``)."""
 
     def __post_init__(self) -> None:
         if self.tensor.dim() not in (4, 5):
@@ -147,25 +151,95 @@ class ConceptMaps:
     def _normalized_for(self, mode: viz.Normalization) -> torch.Tensor:
         return viz.normalize(self.tensor, mode)
 
+    def figure(
+        self,
+        image: Image.Image | np.ndarray | torch.Tensor | None = None,
+        *,
+        compare: "ConceptMaps | str | None" = "auto",
+        batch_index: int = 0,
+        alpha: float = 0.5,
+        cmap: str = viz.DEFAULT_CMAP,
+        normalize: viz.Normalization = "per_concept",
+    ):
+        """A matplotlib figure: image, one overlay per concept, argmax segmentation with legend.
+
+        ``compare`` adds a second row: ``"auto"`` shows the raw cross-attention maps of the same run
+        when they were recorded, ``"cross_attention"``/``"value"`` picks one from ``others``, a
+        :class:`ConceptMaps` is drawn as given, ``None`` draws one row. ``normalize``:
+        ``per_concept`` or ``global`` colour scaling.
+        """
+        if self.tensor.dim() != 4:
+            raise ValueError("figure() draws image maps; select frames of video maps first")
+        image = image if image is not None else self.image
+        if image is None:
+            raise ValueError("figure() needs the image: pass it or use maps with .image set")
+        if compare == "auto":
+            compare = self._default_compare()
+        elif isinstance(compare, str):
+            if compare not in self.others:
+                raise ValueError(f"no {compare!r} maps recorded; available: {sorted(self.others)}")
+            compare = self.others[compare]
+        return viz.concept_figure(
+            self, viz.to_rgb_image(image), compare=compare, batch_index=batch_index, alpha=alpha, cmap=cmap,
+            normalize_mode=normalize,
+        )
+
     # ----------------------------------------------------------------- files
-    def save(self, directory: str | Path, batch_index: int = 0, cmap: str = viz.DEFAULT_CMAP) -> Path:
-        """Write ``<concept>.png`` heat maps (of ``batch_index``), ``maps.npz`` and ``meta.json``."""
+    def save(
+        self,
+        directory: str | Path,
+        image: Image.Image | np.ndarray | torch.Tensor | None = None,
+        *,
+        batch_index: int = 0,
+        cmap: str = viz.DEFAULT_CMAP,
+        alpha: float = 0.5,
+        figure: bool = True,
+    ) -> Path:
+        """Write the result folder.
+
+        Always: ``<concept>.png`` heat maps (of ``batch_index``), ``maps.npz`` (float32 raw maps of
+        the whole batch, per layer, and of other recorded spaces) and ``meta.json``. With an image
+        (given or ``self.image``): ``image.png``, ``<concept>_overlay.png``, ``segmentation.png``
+        and ``figure.png``.
+        """
+        from .. import __version__
+
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
-        files = {}
+        image = image if image is not None else self.image
+        base = viz.to_rgb_image(image) if image is not None else None
+        files: dict[str, str] = {}
         for i, name in enumerate(self.concepts):
             stem = concept_filename(name)
-            while stem in files.values():
+            while stem in files.values() or stem in ("image", "segmentation", "figure", "maps", "meta"):
                 stem += "_"
             files[name] = stem
             if self.tensor.dim() == 4:
-                self.to_pil(i, batch_index, cmap=cmap).save(out / f"{stem}.png")
+                size = (base.height, base.width) if base is not None else None
+                self.to_pil(i, batch_index, size=size, cmap=cmap).save(out / f"{stem}.png")
+                if base is not None:
+                    self.overlay(base, i, batch_index, alpha=alpha, cmap=cmap).save(out / f"{stem}_overlay.png")
+        if base is not None and self.tensor.dim() == 4:
+            base.save(out / "image.png")
+            labels = viz.upsample(self.tensor[batch_index : batch_index + 1], (base.height, base.width)).argmax(1)[0]
+            viz.segmentation_image(labels.numpy(), len(self.concepts)).save(out / "segmentation.png")
+            if figure:
+                import matplotlib.pyplot as plt
+
+                drawn = self.figure(base, batch_index=batch_index, cmap=cmap)
+                drawn.savefig(out / "figure.png", dpi=110)
+                plt.close(drawn)
         arrays = {"maps": self.tensor.detach().cpu().float().numpy()}
         if self.per_layer is not None:
             arrays["per_layer"] = self.per_layer.detach().cpu().float().numpy()
+        for space, other in self.others.items():
+            arrays[f"maps__{space}"] = other.tensor.detach().cpu().float().numpy()
+            if other.per_layer is not None:
+                arrays[f"per_layer__{space}"] = other.per_layer.detach().cpu().float().numpy()
         np.savez_compressed(out / "maps.npz", **arrays)
         meta = {
             "format_version": FORMAT_VERSION,
+            "library_version": __version__,
             "concepts": self.concepts,
             "concept_files": files,
             "layers": self.layers,
@@ -174,33 +248,49 @@ class ConceptMaps:
             "space": self.space,
             "softmax": self.softmax,
             "shape": list(self.tensor.shape),
-            **{"meta": _jsonable(self.meta)},
+            "other_spaces": sorted(self.others),
+            "image_size": [base.width, base.height] if base is not None else None,
+            "meta": _jsonable(self.meta),
         }
         (out / "meta.json").write_text(json.dumps(meta, indent=2))
         return out
 
+    def _default_compare(self) -> "ConceptMaps | None":
+        if self.space == "output" and "cross_attention" in self.others:
+            return self.others["cross_attention"]
+        return None
+
     @classmethod
     def load(cls, directory: str | Path) -> "ConceptMaps":
-        """Restore maps written by :meth:`save` (exact float32 round-trip)."""
+        """Restore maps written by :meth:`save` (exact float32 round-trip, image included)."""
         path = Path(directory)
         meta_path, npz_path = path / "meta.json", path / "maps.npz"
         if not meta_path.is_file() or not npz_path.is_file():
             raise FileNotFoundError(f"{path} holds no saved ConceptMaps (expected meta.json and maps.npz)")
         meta = json.loads(meta_path.read_text())
         with np.load(npz_path) as arrays:
-            tensor = torch.from_numpy(arrays["maps"].copy())
-            per_layer = torch.from_numpy(arrays["per_layer"].copy()) if "per_layer" in arrays else None
-        return cls(
-            tensor=tensor,
-            concepts=list(meta["concepts"]),
-            layers=list(meta["layers"]),
-            timesteps=list(meta.get("timesteps", [])),
-            steps=list(meta.get("steps", [])),
-            space=meta.get("space", "output"),
-            softmax=bool(meta.get("softmax", True)),
-            per_layer=per_layer,
-            meta=dict(meta.get("meta", {})),
-        )
+            loaded = {key: torch.from_numpy(arrays[key].copy()) for key in arrays.files}
+
+        def build(space: str, suffix: str) -> "ConceptMaps":
+            return cls(
+                tensor=loaded[f"maps{suffix}"],
+                concepts=list(meta["concepts"]),
+                layers=list(meta["layers"]),
+                timesteps=list(meta.get("timesteps", [])),
+                steps=list(meta.get("steps", [])),
+                space=space,
+                softmax=bool(meta.get("softmax", True)),
+                per_layer=loaded.get(f"per_layer{suffix}"),
+                meta=dict(meta.get("meta", {})),
+            )
+
+        maps = build(meta.get("space", "output"), "")
+        maps.others = {space: build(space, f"__{space}") for space in meta.get("other_spaces", [])}
+        image_path = path / "image.png"
+        if image_path.is_file():
+            with Image.open(image_path) as picture:
+                maps.image = picture.convert("RGB")
+        return maps
 
 
 def _jsonable(value: Any) -> Any:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -13,6 +12,7 @@ from torch import nn
 
 from ..adapters import resolve_adapter
 from ..adapters.base import ModelAdapter
+from ..loading import pipeline_defaults
 from .maps import ConceptMaps
 from .scoring import SPACES, BlockActivations, ConceptGroups, RunningMaps, concept_maps, token_scores
 
@@ -157,8 +157,11 @@ class ConceptAttention:
         self.concepts = _check_concepts(concepts)
         self.transformer, self.pipeline = _split_model(model)
         self.adapter: ModelAdapter = resolve_adapter(self.transformer)
+        defaults = pipeline_defaults(self.pipeline) if self.pipeline is not None else {}
         num_blocks = len(self.adapter.dual_blocks)
-        self.layers = _check_layers(layers, num_blocks, self.adapter.default_layers())
+        default_layers = defaults.get("layers") or self.adapter.default_layers()
+        self.layers = _check_layers(layers, num_blocks, [int(layer) for layer in default_layers])
+        self.max_sequence_length = max_sequence_length or defaults.get("max_sequence_length")
         self.selected_steps = _check_steps(timesteps)
         self.spaces = _check_spaces(space)
         if concept_modulation not in CONCEPT_MODULATIONS:
@@ -180,7 +183,9 @@ class ConceptAttention:
             if concept_embeds is not None:
                 self.concept_embeds = self._check_embeds(concept_embeds)
             else:
-                self.concept_embeds = self.adapter.encode_concepts(self.pipeline, self.concepts, max_sequence_length)
+                self.concept_embeds = self.adapter.encode_concepts(
+                    self.pipeline, self.concepts, self.max_sequence_length
+                )
         self.groups = ConceptGroups(tuple(self.concepts), tuple(int(e.shape[0]) for e in self.concept_embeds))
         many = [f"{n!r} ({s} pieces)" for n, s in zip(self.groups.names, self.groups.sizes) if s > MANY_PIECES]
         if many:
@@ -373,8 +378,10 @@ class ConceptAttention:
 
     @property
     def maps(self) -> ConceptMaps:
-        """Maps in the first requested space (see :class:`ConceptMaps`)."""
-        return self.maps_for(self.spaces[0])
+        """Maps in the first requested space; other recorded spaces are in ``maps.others``."""
+        primary = self.maps_for(self.spaces[0])
+        primary.others = {space: self.maps_for(space) for space in self.spaces[1:]}
+        return primary
 
     def maps_for(self, space: str) -> ConceptMaps:
         if space not in self.spaces:
@@ -420,10 +427,3 @@ def _split_model(model: Any) -> tuple[nn.Module, Any]:
         f"transformer model (e.g. FluxTransformer2DModel), got {type(model).__name__}"
     )
 
-
-def _signature_default(function: Any, name: str) -> Any:
-    try:
-        parameter = inspect.signature(function).parameters.get(name)
-    except (TypeError, ValueError):
-        return None
-    return None if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default

@@ -1,0 +1,87 @@
+"""Generate an image and its concept maps in one call (what the CLI and the web app use)."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .core.maps import ConceptMaps
+from .core.session import ConceptAttention
+from .loading import pipeline_defaults
+from .viz import to_rgb_image
+
+
+def generate(
+    pipe: Any,
+    prompt: str,
+    concepts: Sequence[str],
+    *,
+    steps: int | None = None,
+    seed: int = 0,
+    size: tuple[int, int] | None = None,
+    layers: Sequence[int] | None = None,
+    timesteps: Sequence[int] | None = None,
+    space: str = "output",
+    compare: bool = True,
+    on_step: Callable[[int, int], None] | None = None,
+    **options: Any,
+) -> ConceptMaps:
+    """Run the pipeline on ``prompt`` and return the maps of ``concepts`` with ``maps.image`` set.
+
+    ``size`` is (width, height); ``steps`` defaults to the model's recommendation (or the
+    pipeline's own default). With ``compare`` the raw cross-attention maps of the same run are
+    kept in ``maps.others["cross_attention"]``. ``on_step(done, total)`` reports progress.
+    """
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
+    defaults = pipeline_defaults(pipe)
+    call: dict[str, Any] = {}
+    if steps is None:
+        steps = defaults.get("num_inference_steps")
+    if steps is not None:
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        call["num_inference_steps"] = steps
+    if size is not None:
+        width, height = size
+        call["width"], call["height"] = int(width), int(height)
+        multiple = int(getattr(pipe, "vae_scale_factor", 8)) * 2
+        if call["width"] % multiple or call["height"] % multiple or min(call["width"], call["height"]) <= 0:
+            raise ValueError(f"size {width}x{height} is not accepted: both sides must be positive multiples of {multiple}")
+    parameters = inspect.signature(type(pipe).__call__).parameters
+    if "max_sequence_length" in defaults and "max_sequence_length" in parameters:
+        call["max_sequence_length"] = int(defaults["max_sequence_length"])
+    for key in ("guidance_scale",):
+        if key in defaults and key in parameters:
+            call[key] = defaults[key]
+    total = call.get("num_inference_steps") or (parameters["num_inference_steps"].default
+                                                if "num_inference_steps" in parameters else 0)
+    if on_step is not None and "callback_on_step_end" in parameters:
+        def callback(pipeline: Any, index: int, timestep: Any, kwargs: dict) -> dict:
+            on_step(index + 1, int(total))
+            return kwargs
+
+        call["callback_on_step_end"] = callback
+    spaces = [space] + (["cross_attention"] if compare and space != "cross_attention" else [])
+    generator = torch.Generator(device="cpu").manual_seed(int(seed))
+    with ConceptAttention(
+        pipe, concepts, layers=layers, timesteps=timesteps, space=spaces,
+        max_sequence_length=call.get("max_sequence_length"), **options,
+    ) as session:
+        output = pipe(prompt, generator=generator, **call)
+    maps = session.maps
+    image = to_rgb_image(output.images[0])
+    maps.image = image
+    maps.meta.update(
+        {
+            "mode": "generate",
+            "prompt": prompt,
+            "seed": int(seed),
+            "num_inference_steps": int(total) if total else None,
+            "image_size": [image.width, image.height],
+            "model_id": getattr(pipe, "model_id", None) or getattr(getattr(pipe, "config", None), "_name_or_path", None),
+        }
+    )
+    return maps

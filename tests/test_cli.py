@@ -1,0 +1,100 @@
+"""The command-line interface end to end on a tiny local pipeline directory."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import tiny
+from concept_attention import ConceptMaps
+from concept_attention.cli import main, parse_indices, parse_size, UsageError
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-flux")
+    tiny.flux_pipeline(seed=4).save_pretrained(path)
+    (path / "concept_attention.json").write_text(json.dumps(
+        {"size": 32, "max_sequence_length": 16, "num_inference_steps": 2}))
+    return path
+
+
+def test_parsers():
+    assert parse_indices("9-12", "--layers") == [9, 10, 11, 12]
+    assert parse_indices("0,2-3,2", "--layers") == [0, 2, 3]
+    assert parse_size("1024x768") == (1024, 768)
+    for bad in ("9-", "a", "5-2"):
+        with pytest.raises(UsageError):
+            parse_indices(bad, "--layers")
+    with pytest.raises(UsageError):
+        parse_size("1024")
+
+
+def test_generate_writes_documented_files(model_dir, tmp_path, capsys):
+    out = tmp_path / "gen"
+    code = main(["generate", "a dog by a tree", "--concepts", "dog,tree,sky", "--model", str(model_dir),
+                 "--out", str(out), "--layers", "2-3", "--size", "48x32"])
+    assert code == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(["image.png", "dog.png", "dog_overlay.png", "tree.png", "tree_overlay.png", "sky.png",
+                            "sky_overlay.png", "segmentation.png", "figure.png", "maps.npz", "meta.json"])
+    maps = ConceptMaps.load(out)
+    assert maps.tensor.shape == (1, 3, 8, 12) and maps.layers == [2, 3] and maps.steps == [0, 1]
+    assert maps.meta["prompt"] == "a dog by a tree" and maps.meta["seed"] == 0
+    assert Image.open(out / "image.png").size == (48, 32)
+    assert "cross_attention" in maps.others
+    assert str(out) in capsys.readouterr().out
+
+
+def test_explain_writes_documented_files(model_dir, tmp_path):
+    image = tmp_path / "in.png"
+    Image.fromarray((np.random.default_rng(1).random((30, 50, 3)) * 255).astype("uint8")).save(image)
+    out = tmp_path / "exp"
+    code = main(["explain", str(image), "--concepts", "dog,sky", "--model", str(model_dir), "--out", str(out),
+                 "--samples", "2", "--no-figure"])
+    assert code == 0
+    assert (out / "dog_overlay.png").is_file() and not (out / "figure.png").exists()
+    maps = ConceptMaps.load(out)
+    assert maps.meta["num_samples"] == 2 and maps.meta["original_size"] == [50, 30]
+
+
+@pytest.mark.parametrize(
+    "argv,code,message",
+    [
+        (["generate", "x", "--concepts", " , "], 2, "--concepts is empty"),
+        (["generate", "x", "--concepts", "a,a"], 2, "duplicate concept"),
+        (["generate", "x", "--concepts", "a", "--layers", "7"], 2, "out of range"),
+        (["generate", "x", "--concepts", "a", "--size", "30x30"], 2, "multiples of 4"),
+        (["generate", "x", "--concepts", "a", "--steps", "0"], 2, "--steps"),
+        (["explain", "missing.png", "--concepts", "a"], 2, "no image file"),
+    ],
+)
+def test_usage_errors(model_dir, argv, code, message, capsys):
+    assert main(argv + ["--model", str(model_dir)]) == code
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_unloadable_models(tmp_path, capsys):
+    assert main(["generate", "x", "--concepts", "a", "--model", str(tmp_path)]) == 1
+    assert "not a diffusers pipeline directory" in capsys.readouterr().err
+    assert main(["generate", "x", "--concepts", "a", "--model", "nobody/no-such-model"]) == 1
+    err = capsys.readouterr().err
+    assert "cannot load 'nobody/no-such-model'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_entry_point_help_and_models():
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    helped = subprocess.run([sys.executable, "-m", "concept_attention.cli", "generate", "--help"],
+                            capture_output=True, text=True, env=env)
+    assert helped.returncode == 0 and "examples:" in helped.stdout
+    usage = subprocess.run([sys.executable, "-m", "concept_attention.cli", "generate"], capture_output=True,
+                           text=True, env=env)
+    assert usage.returncode == 2
+    models = subprocess.run([sys.executable, "-m", "concept_attention.cli", "models"], capture_output=True,
+                            text=True, env=env)
+    assert models.returncode == 0 and "FluxTransformer2DModel" in models.stdout
