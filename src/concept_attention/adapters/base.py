@@ -65,6 +65,15 @@ class ModelAdapter(ABC):
         bound = signature.bind_partial(self.transformer, *args, **kwargs)
         return bound
 
+    def is_conditional_call(self, bound: inspect.BoundArguments, context_name: str | None) -> bool:
+        """Whether a transformer call is a conditional (mapped) one.
+
+        Default: diffusers pipelines wrap sequential CFG calls in ``cache_context("cond"/"uncond")``;
+        calls without a context (a bare transformer) all count. Families whose pipelines run
+        sequential CFG without a context name override this.
+        """
+        return context_name is None or "uncond" not in context_name.lower()
+
     @abstractmethod
     def begin_call(self, bound: inspect.BoundArguments, call: "CallState") -> None:
         """Fill the call state (batch size, grid, concept rows, ...) from a forward call."""

@@ -66,6 +66,19 @@ class BlockActivations:
     concept_output: torch.Tensor | None = None
     num_map_tokens: int | None = None
 
+    def rows(self, index: slice) -> "BlockActivations":
+        """The same activations for a subset of batch rows (e.g. the conditional CFG half)."""
+        return BlockActivations(
+            concept_query=self.concept_query[index],
+            concept_key=self.concept_key[index],
+            concept_value=self.concept_value[index],
+            image_key=self.image_key[index],
+            image_value=self.image_value[index],
+            image_output=self.image_output[index],
+            concept_output=None if self.concept_output is None else self.concept_output[index],
+            num_map_tokens=self.num_map_tokens,
+        )
+
 
 def concept_attention(
     concept_query: torch.Tensor,

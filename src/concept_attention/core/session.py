@@ -34,6 +34,8 @@ class CallState:
     batch_size: int = 0
     grid: tuple[int, ...] = ()
     num_map_tokens: int = 0
+    map_rows: slice | None = None
+    """Batch rows whose maps are recorded (batched CFG: the conditional half); None = all."""
     concepts: torch.Tensor | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
@@ -310,14 +312,14 @@ class ConceptAttention:
 
     # ------------------------------------------------------------------ calls
     def _begin_call(self, args: tuple, kwargs: dict, context_name: str | None) -> None:
-        conditional = context_name is None or "uncond" not in context_name.lower()
+        bound = self.adapter.bind_call(args, kwargs)
+        conditional = self.adapter.is_conditional_call(bound, context_name)
         step = self._steps_seen
         active = conditional and (self.selected_steps is None or step in self.selected_steps)
         call = CallState(active=active, step=step)
         if conditional:
             self._steps_seen += 1
         if active:
-            bound = self.adapter.bind_call(args, kwargs)
             with torch.no_grad():
                 self.adapter.begin_call(bound, call)
             if self._grid and call.grid != self._grid:
@@ -350,6 +352,8 @@ class ConceptAttention:
         call = self.current_call
         assert call is not None and self._sums is not None
         activations.num_map_tokens = call.num_map_tokens
+        if call.map_rows is not None:
+            activations = activations.rows(call.map_rows)
         device = activations.image_output.device
         if self._averaging is None or self._averaging.device != device:
             self._averaging = self.groups.averaging_matrix(device)
