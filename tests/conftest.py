@@ -17,3 +17,21 @@ def flux_pipe():
     import tiny
 
     return tiny.flux_pipeline()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny FluxPipeline saved as a local diffusers directory, with library defaults."""
+    import json
+
+    import tiny
+
+    path = tmp_path_factory.mktemp("tiny-flux")
+    tiny.flux_pipeline(seed=4).save_pretrained(path)
+    (path / "concept_attention.json").write_text(
+        json.dumps({"size": 32, "max_sequence_length": 16, "num_inference_steps": 2})
+    )
+    return path
+
+
+VOC_SAMPLES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "voc2012-val-samples"

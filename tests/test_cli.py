@@ -9,18 +9,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import tiny
 from concept_attention import ConceptMaps
 from concept_attention.cli import main, parse_indices, parse_size, UsageError
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-flux")
-    tiny.flux_pipeline(seed=4).save_pretrained(path)
-    (path / "concept_attention.json").write_text(json.dumps(
-        {"size": 32, "max_sequence_length": 16, "num_inference_steps": 2}))
-    return path
+def model_dir(tiny_model_dir):
+    return tiny_model_dir
 
 
 def test_parsers():

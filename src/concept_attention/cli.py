@@ -112,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--samples", type=int, default=4, help="noise samples averaged (default 4)")
 
     commands.add_parser("models", help="list supported model families and the embedded default model")
+    commands.add_parser("eval", help="zero-shot segmentation benchmarks (see `concept-attention eval --help`)",
+                        add_help=False)
     return parser
 
 
@@ -219,6 +221,11 @@ def run_models(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "eval":
+        from .eval import main as eval_main
+
+        return eval_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
