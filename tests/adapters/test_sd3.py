@@ -1,0 +1,409 @@
+"""SD3 / SD3.5 adapter on tiny random-config models: exactness, a direct oracle, batched CFG,
+last block, attn2, skip layers, fused QKV, concept tokens, restore and errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import tiny_sd3_chroma as tiny
+from concept_attention import ConceptAttention
+
+CONCEPTS = ["dog", "tree", "sky"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls on two busy cores are ~100x faster single-threaded."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def sd3_pipe():
+    return tiny.sd3_pipeline(seed=0)
+
+
+@pytest.fixture(scope="module")
+def sd35_pipe():
+    return tiny.sd3_pipeline(seed=1, dual_attention_layers=(0, 1), qk_norm="rms_norm")
+
+
+def concept_embeds(transformer, sizes=(1, 2, 1), seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, transformer.config.joint_attention_dim, generator=g) for n in sizes]
+
+
+def as_tokens(maps):
+    b, c, h, w = maps.tensor.shape
+    return maps.tensor.reshape(b, c, h * w).permute(0, 2, 1)
+
+
+# ---------------------------------------------------------------- oracle
+def oracle_maps(transformer, inputs, embeds, layers, modulation="prompt", softmax=True, skip=()):
+    """Direct re-implementation, in float64, of the image attention and the concept stream.
+
+    Block inputs are read from a plain run; everything else is recomputed from the block weights:
+    the joint [image, text] attention gives o_x, concept queries over [image keys; concept keys]
+    give o_c, and the concept rows are updated with the text-stream weights (none after the
+    ``context_pre_only`` block). Returns (maps (B, N, C), {block: o_x}).
+    """
+    inputs_run = dict(inputs)
+    skip_layers = list(skip) if skip else None
+    captured, handles = {}, []
+    for index, block in enumerate(transformer.transformer_blocks):
+        handles.append(block.register_forward_pre_hook(
+            lambda m, a, kw, i=index: captured.__setitem__(i, kw), with_kwargs=True))
+        handles.append(block.attn.to_out[0].register_forward_pre_hook(
+            lambda m, a, i=index: captured.__setitem__(("o_x", i), a[0])))
+    try:
+        with torch.no_grad():
+            transformer(**inputs_run, skip_layers=skip_layers)
+    finally:
+        for h in handles:
+            h.remove()
+    model = copy.deepcopy(transformer).double()
+    with torch.no_grad():
+        batch = inputs["hidden_states"].shape[0]
+        concepts = model.context_embedder(torch.cat(embeds).double()).expand(batch, -1, -1)
+        pooled = inputs["pooled_projections"].double()
+        if modulation == "zero":
+            pooled = torch.zeros_like(pooled)
+        concept_temb = model.time_text_embed(inputs["timestep"].double(), pooled)
+        per_layer, image_outputs = [], {}
+        for index, block in enumerate(model.transformer_blocks[: max(layers) + 1]):
+            if index in skip:
+                continue
+            kw = captured[index]
+            x, text, temb = (kw[k].double() for k in ("hidden_states", "encoder_hidden_states", "temb"))
+            attn = block.attn
+
+            def split(t):
+                return t.unflatten(-1, (attn.heads, -1))
+
+            def norm(module, t):
+                return t if module is None else module(t)
+
+            norm_x = block.norm1(x, emb=temb)[0]
+            if block.context_pre_only:
+                norm_text = block.norm1_context(text, temb)
+            else:
+                norm_text = block.norm1_context(text, emb=temb)[0]
+            q_x = norm(attn.norm_q, split(attn.to_q(norm_x)))
+            k_x = norm(attn.norm_k, split(attn.to_k(norm_x)))
+            v_x = split(attn.to_v(norm_x))
+            q_t = norm(attn.norm_added_q, split(attn.add_q_proj(norm_text)))
+            k_t = norm(attn.norm_added_k, split(attn.add_k_proj(norm_text)))
+            v_t = split(attn.add_v_proj(norm_text))
+            scale = q_x.shape[-1] ** -0.5
+            q, k, v = torch.cat([q_x, q_t], 1), torch.cat([k_x, k_t], 1), torch.cat([v_x, v_t], 1)
+            weights = (torch.einsum("bshd,bthd->bhst", q, k) * scale).softmax(-1)
+            o_x = torch.einsum("bhst,bthd->bshd", weights, v)[:, : x.shape[1]]
+            image_outputs[index] = o_x
+
+            if block.context_pre_only:
+                norm_c = block.norm1_context(concepts, concept_temb)
+            else:
+                norm_c, g_msa, shift, scale_mlp, g_mlp = block.norm1_context(concepts, emb=concept_temb)
+            q_c = norm(attn.norm_added_q, split(attn.add_q_proj(norm_c)))
+            k_c = norm(attn.norm_added_k, split(attn.add_k_proj(norm_c)))
+            v_c = split(attn.add_v_proj(norm_c))
+            keys, values = torch.cat([k_x, k_c], 1), torch.cat([v_x, v_c], 1)
+            weights = (torch.einsum("brhd,bthd->bhrt", q_c, keys) * scale).softmax(-1)
+            o_c = torch.einsum("bhrt,bthd->brhd", weights, values)
+            if index in layers:
+                scores = torch.einsum("bnhd,brhd->bnr", o_x, o_c)
+                columns, start = [], 0
+                for e in embeds:
+                    columns.append(scores[:, :, start:start + e.shape[0]].mean(-1))
+                    start += e.shape[0]
+                grouped = torch.stack(columns, -1)
+                per_layer.append(grouped.softmax(-1) if softmax else grouped)
+            if not block.context_pre_only:
+                concepts = concepts + g_msa[:, None] * attn.to_add_out(o_c.flatten(2))
+                normed = block.norm2_context(concepts) * (1 + scale_mlp[:, None]) + shift[:, None]
+                concepts = concepts + g_mlp[:, None] * block.ff_context(normed)
+    for index, o_x in image_outputs.items():  # the oracle's image path is the model's
+        model_o_x = captured[("o_x", index)].double().unflatten(-1, (o_x.shape[2], -1))
+        assert torch.allclose(o_x, model_o_x, atol=1e-5), index
+    return torch.stack(per_layer).mean(0)
+
+
+# ---------------------------------------------------------------- 1. exactness
+@pytest.mark.parametrize("guidance", [7.0, 1.0])
+def test_sd3_pipeline_output_is_bit_identical_with_and_without_cfg(sd3_pipe, guidance):
+    plain = tiny.generate(sd3_pipe, guidance_scale=guidance, height=32, width=48)
+    with ConceptAttention(sd3_pipe, CONCEPTS) as ca:
+        watched = tiny.generate(sd3_pipe, guidance_scale=guidance, height=32, width=48)
+    assert torch.equal(plain, watched)
+    maps = ca.maps
+    assert maps.tensor.shape == (1, 3, 8, 12)  # conditional half only
+    assert maps.steps == [0, 1] and len(maps.timesteps) == 2
+    assert torch.allclose(maps.tensor.sum(1), torch.ones(1, 8, 12), atol=1e-5)
+    assert maps.meta["family"] == "sd3"
+
+
+def test_sd35_pipeline_with_dual_attention_and_qk_norm_is_bit_identical(sd35_pipe):
+    transformer = sd35_pipe.transformer
+    assert transformer.transformer_blocks[0].attn2 is not None and transformer.transformer_blocks[0].attn.norm_q
+    attn2_processor = transformer.transformer_blocks[0].attn2.processor
+    plain = tiny.generate(sd35_pipe, prompt=["a dog", "a red car"])
+    with ConceptAttention(sd35_pipe, CONCEPTS, layers=[0, 1, 2]) as ca:
+        assert transformer.transformer_blocks[0].attn2.processor is attn2_processor  # attn2 untouched
+        assert type(transformer.transformer_blocks[0].attn.processor).__name__ == "SD3ConceptProcessor"
+        watched = tiny.generate(sd35_pipe, prompt=["a dog", "a red car"])
+    assert torch.equal(plain, watched)
+    assert ca.maps.tensor.shape == (2, 3, 8, 8)
+    assert not torch.allclose(ca.maps.tensor[0], ca.maps.tensor[1])
+
+
+def test_bare_transformer_output_is_bit_identical():
+    transformer = tiny.sd3_transformer(seed=2, qk_norm="rms_norm", dual_attention_layers=(0,))
+    inputs = tiny.sd3_inputs(transformer)
+    with torch.no_grad():
+        plain = transformer(**inputs).sample
+        with ConceptAttention(transformer, ["a", "b", "c"], concept_embeds=concept_embeds(transformer)) as ca:
+            watched = transformer(**inputs).sample
+    assert torch.equal(plain, watched)
+    assert ca.maps.tensor.shape == (2, 3, 4, 6)
+
+
+# ---------------------------------------------------------------- 2. oracle
+@pytest.mark.parametrize("modulation", ["prompt", "zero"])
+@pytest.mark.parametrize("variant", ["sd3", "sd35"])
+def test_maps_match_direct_reimplementation(variant, modulation):
+    options = {"qk_norm": "rms_norm", "dual_attention_layers": (0, 1)} if variant == "sd35" else {}
+    transformer = tiny.sd3_transformer(seed=3, layers=3, **options)
+    inputs = tiny.sd3_inputs(transformer, seed=4)
+    embeds = concept_embeds(transformer, sizes=(1, 3, 2))
+    layers = [0, 1, 2]  # includes the context_pre_only last block
+    with torch.no_grad(), ConceptAttention(
+        transformer, ["a", "b", "c"], concept_embeds=embeds, layers=layers, concept_modulation=modulation
+    ) as ca:
+        transformer(**inputs)
+    expected = oracle_maps(transformer, inputs, embeds, layers, modulation=modulation)
+    got = as_tokens(ca.maps).double()
+    assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
+
+
+def test_last_block_alone_contributes_a_map():
+    transformer = tiny.sd3_transformer(seed=5, layers=3)
+    assert transformer.transformer_blocks[-1].context_pre_only
+    inputs = tiny.sd3_inputs(transformer)
+    embeds = concept_embeds(transformer)
+    with torch.no_grad(), ConceptAttention(
+        transformer, ["a", "b", "c"], concept_embeds=embeds, layers=[-1], softmax=False, concept_modulation="prompt"
+    ) as ca:
+        transformer(**inputs)
+    assert ca.maps.layers == [2]
+    expected = oracle_maps(transformer, inputs, embeds, [2], softmax=False)
+    assert torch.allclose(as_tokens(ca.maps).double(), expected, atol=1e-5)
+
+
+def test_zero_modulation_uses_zero_pooled_vector():
+    transformer = tiny.sd3_transformer(seed=6)
+    embeds = concept_embeds(transformer)
+    inputs = tiny.sd3_inputs(transformer)
+
+    def run(modulation, pooled):
+        given = dict(inputs, pooled_projections=pooled)
+        with torch.no_grad(), ConceptAttention(
+            transformer, ["a", "b", "c"], concept_embeds=embeds, concept_modulation=modulation
+        ) as ca:
+            transformer(**given)
+        return ca.maps.tensor
+
+    zero = torch.zeros_like(inputs["pooled_projections"])
+    assert torch.allclose(run("zero", zero), run("prompt", zero), atol=1e-6)
+    real = inputs["pooled_projections"]
+    assert not torch.allclose(run("zero", real), run("prompt", real), atol=1e-4)
+
+
+# ---------------------------------------------------------------- 3. batched CFG
+def test_batched_cfg_maps_come_from_the_conditional_half(sd3_pipe):
+    runs = []
+    for negative in ("a cat", "grass and sky"):
+        with ConceptAttention(sd3_pipe, CONCEPTS, timesteps=[0]) as ca:
+            tiny.generate(sd3_pipe, negative_prompt=negative, guidance_scale=5.0)
+        runs.append(ca.maps.tensor)
+    assert runs[0].shape[0] == 1
+    assert torch.allclose(runs[0], runs[1], atol=1e-6)
+    # the same conditional row without CFG (batch 1) gives the same maps at the first step
+    with ConceptAttention(sd3_pipe, CONCEPTS, timesteps=[0]) as no_cfg:
+        tiny.generate(sd3_pipe, guidance_scale=1.0)
+    assert torch.allclose(runs[0], no_cfg.maps.tensor, atol=1e-5)
+    with ConceptAttention(sd3_pipe, CONCEPTS, timesteps=[0]) as other:
+        tiny.generate(sd3_pipe, "a red car in the sky", negative_prompt="a cat", guidance_scale=5.0)
+    assert not torch.allclose(other.maps.tensor, runs[0], atol=1e-4)
+
+
+# ---------------------------------------------------------------- 4. skip layers
+def test_skip_layers_skip_the_concept_update():
+    transformer = tiny.sd3_transformer(seed=7, layers=3)
+    inputs = tiny.sd3_inputs(transformer)
+    embeds = concept_embeds(transformer)
+    with torch.no_grad():
+        plain = transformer(**inputs, skip_layers=[1]).sample
+        with ConceptAttention(
+            transformer, ["a", "b", "c"], concept_embeds=embeds, layers=[0, 2], concept_modulation="prompt"
+        ) as ca:
+            watched = transformer(**inputs, skip_layers=[1]).sample
+    assert torch.equal(plain, watched)
+    expected = oracle_maps(transformer, inputs, embeds, [0, 2], skip=(1,))
+    assert torch.allclose(as_tokens(ca.maps).double(), expected, atol=1e-5)
+    not_skipped = oracle_maps(transformer, inputs, embeds, [0, 2])
+    assert not torch.allclose(not_skipped, expected, atol=1e-4)
+
+
+def test_skip_layer_guidance_call_is_not_mapped(sd3_pipe):
+    slg = {"skip_guidance_layers": [1], "skip_layer_guidance_start": 0.0, "skip_layer_guidance_stop": 1.0}
+    plain = tiny.generate(sd3_pipe, num_inference_steps=3, **slg)
+    with ConceptAttention(sd3_pipe, CONCEPTS) as ca:
+        watched = tiny.generate(sd3_pipe, num_inference_steps=3, **slg)
+    assert torch.equal(plain, watched)
+    assert ca.maps.steps == [0, 1, 2]  # the extra skip-layer calls are not steps
+    # steps 0 and 1 see the same latents with and without skip-layer guidance
+    with ConceptAttention(sd3_pipe, CONCEPTS, timesteps=[0, 1]) as with_slg:
+        tiny.generate(sd3_pipe, num_inference_steps=3, **slg)
+    with ConceptAttention(sd3_pipe, CONCEPTS, timesteps=[0, 1]) as without:
+        tiny.generate(sd3_pipe, num_inference_steps=3)
+    assert torch.allclose(with_slg.maps.tensor, without.maps.tensor, atol=1e-6)
+
+
+# ---------------------------------------------------------------- 5. fused QKV
+@pytest.mark.parametrize("fuse_inside", [False, True])
+def test_fused_qkv(fuse_inside):
+    from diffusers.models.attention_processor import FusedJointAttnProcessor2_0, JointAttnProcessor2_0
+
+    transformer = tiny.sd3_transformer(seed=8)
+    inputs = tiny.sd3_inputs(transformer)
+    embeds = concept_embeds(transformer)
+    with torch.no_grad(), ConceptAttention(transformer, ["a", "b", "c"], concept_embeds=embeds) as reference:
+        transformer(**inputs)
+    if not fuse_inside:
+        transformer.fuse_qkv_projections()
+    with torch.no_grad():
+        with ConceptAttention(transformer, ["a", "b", "c"], concept_embeds=embeds) as fused:
+            if fuse_inside:
+                transformer.fuse_qkv_projections()
+            out = transformer(**inputs).sample
+            out_again = transformer(**inputs).sample
+        plain = transformer(**inputs).sample
+    assert torch.equal(out, plain) and torch.equal(out_again, plain)
+    processors = transformer.attn_processors
+    assert all(type(p) is FusedJointAttnProcessor2_0 for p in processors.values())
+    assert all(type(p) is JointAttnProcessor2_0 for p in transformer.original_attn_processors.values())
+    assert torch.allclose(fused.maps.tensor, reference.maps.tensor, atol=1e-5)
+    assert fused.maps.steps == [0, 1]
+    transformer.unfuse_qkv_projections()
+    assert all(type(p) is JointAttnProcessor2_0 for p in transformer.attn_processors.values())
+    for block in transformer.transformer_blocks:
+        modules = [block.attn.to_k, block.attn.to_v, block.attn.to_qkv, block.attn.to_out[0]]
+        assert all(not m._forward_hooks and not m._forward_pre_hooks for m in modules)
+
+
+def test_processor_replaced_by_unknown_one_while_installed_is_refused():
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    transformer = tiny.sd3_transformer(seed=9)
+    inputs = tiny.sd3_inputs(transformer)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="replaced by AttnProcessor2_0"):
+        with ConceptAttention(transformer, ["a"], concept_embeds=concept_embeds(transformer, sizes=(1,))):
+            transformer.transformer_blocks[1].attn.processor = AttnProcessor2_0()
+            transformer(**inputs)
+
+
+# ---------------------------------------------------------------- 6. concept tokens
+def test_concept_token_choice(sd3_pipe):
+    concepts = ["dog", "traffic light"]
+    clip_length = sd3_pipe.tokenizer_max_length
+    with torch.no_grad():
+        embeds = sd3_pipe.encode_prompt(concepts, None, None, do_classifier_free_guidance=False,
+                                        max_sequence_length=16)[0]
+    expected = {
+        "clip": [embeds[0, 1:2], embeds[1, 1:3]],
+        "t5": [embeds[0, clip_length:clip_length + 1], embeds[1, clip_length:clip_length + 2]],
+    }
+    expected["both"] = [torch.cat([c, t]) for c, t in zip(expected["clip"], expected["t5"])]
+    try:
+        for choice, rows in expected.items():
+            sd3_pipe.concept_attention_defaults = {"sd3_concept_tokens": choice}
+            ca = ConceptAttention(sd3_pipe, concepts, max_sequence_length=16)
+            assert [e.shape[0] for e in ca.concept_embeds] == [r.shape[0] for r in rows], choice
+            assert all(torch.allclose(e, r.float(), atol=1e-6) for e, r in zip(ca.concept_embeds, rows)), choice
+        sd3_pipe.concept_attention_defaults = {"sd3_concept_tokens": "bert"}
+        with pytest.raises(ValueError, match="sd3_concept_tokens"):
+            ConceptAttention(sd3_pipe, concepts)
+    finally:
+        sd3_pipe.concept_attention_defaults = {}
+    ca = ConceptAttention(sd3_pipe, concepts, max_sequence_length=16)  # default: CLIP rows
+    assert all(torch.allclose(e, r.float(), atol=1e-6) for e, r in zip(ca.concept_embeds, expected["clip"]))
+
+
+def test_pipeline_without_t5():
+    pipe = tiny.sd3_pipeline(seed=3, t5=False)
+    plain = tiny.generate(pipe)
+    with ConceptAttention(pipe, CONCEPTS) as ca:
+        watched = tiny.generate(pipe)
+    assert torch.equal(plain, watched) and ca.maps.tensor.shape == (1, 3, 8, 8)
+    pipe.concept_attention_defaults = {"sd3_concept_tokens": "t5"}
+    with pytest.raises(ValueError, match="text_encoder_3=None"):
+        ConceptAttention(pipe, CONCEPTS)
+
+
+# ---------------------------------------------------------------- 7. restore and errors
+def snapshot(transformer):
+    processors = dict(transformer.attn_processors)
+    hooks = {name: (dict(m._forward_hooks), dict(m._forward_pre_hooks)) for name, m in transformer.named_modules()}
+    return processors, hooks, set(transformer.__dict__)
+
+
+def assert_restored(transformer, before):
+    processors, hooks, attributes = snapshot(transformer)
+    assert processors.keys() == before[0].keys()
+    assert all(processors[k] is before[0][k] for k in processors)
+    for name, (fwd, pre) in hooks.items():
+        assert fwd.keys() == before[1][name][0].keys() and pre.keys() == before[1][name][1].keys(), name
+    assert attributes == before[2]
+
+
+def test_everything_restored_after_exit_and_exception():
+    transformer = tiny.sd3_transformer(seed=10, qk_norm="rms_norm", dual_attention_layers=(0,))
+    inputs = tiny.sd3_inputs(transformer)
+    before = snapshot(transformer)
+    with torch.no_grad(), ConceptAttention(transformer, ["a", "b", "c"], concept_embeds=concept_embeds(transformer)):
+        transformer(**inputs)
+    assert_restored(transformer, before)
+
+    class Boom(Exception):
+        pass
+
+    def explode(module, args):
+        raise Boom("raised inside the model")
+
+    handle = transformer.transformer_blocks[1].register_forward_pre_hook(explode)
+    before = snapshot(transformer)
+    with pytest.raises(Boom), torch.no_grad():
+        with ConceptAttention(transformer, ["a", "b", "c"], concept_embeds=concept_embeds(transformer)):
+            transformer(**inputs)
+    handle.remove()
+    before[1]["transformer_blocks.1"][1].clear()
+    assert_restored(transformer, before)
+
+
+def test_unknown_processor_refused():
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    transformer = tiny.sd3_transformer(seed=11)
+    transformer.transformer_blocks[1].attn.processor = AttnProcessor2_0()
+    before = snapshot(transformer)
+    with pytest.raises(TypeError, match=r"transformer_blocks\.1\.attn uses AttnProcessor2_0"):
+        with ConceptAttention(transformer, ["a"], concept_embeds=[torch.zeros(1, 32)]):
+            pass
+    assert_restored(transformer, before)
+    with pytest.raises(ValueError, match=r"expected \(tokens, 32\)"):
+        ConceptAttention(transformer, ["a"], concept_embeds=[torch.zeros(1, 7)])
