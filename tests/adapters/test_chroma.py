@@ -232,3 +232,33 @@ def test_everything_restored_and_unknown_processor_refused():
         with ConceptAttention(transformer, ["a"], concept_embeds=[torch.zeros(1, 32)]):
             pass
     assert not transformer.transformer_blocks[0].norm1_context._forward_pre_hooks
+
+
+# ---------------------------------------------------------------- 6. explain, generate, CLI
+def test_explain_and_cli_accept_chroma_pipelines(tmp_path):
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from concept_attention import ConceptMaps, explain
+    from concept_attention.cli import main
+
+    pipe = tiny.chroma_pipeline(seed=4)
+    pipe.save_pretrained(tmp_path / "model")
+    (tmp_path / "model" / "concept_attention.json").write_text(
+        json.dumps({"size": 32, "num_inference_steps": 2, "max_sequence_length": 16}))
+    picture = Image.fromarray((np.random.default_rng(0).random((24, 40, 3)) * 255).astype("uint8"))
+    pipe.default_sample_size = 16
+    maps = explain(pipe, picture, ["dog", "sky"], prompt="a dog", num_samples=2, max_sequence_length=16)
+    assert maps.tensor.shape == (1, 2, 8, 13) and maps.meta["model_size"] == [52, 32]
+    assert torch.allclose(maps.tensor.sum(1), torch.ones(1, 8, 13), atol=1e-5)
+    picture.save(tmp_path / "photo.png")
+    model = str(tmp_path / "model")
+    assert main(["generate", "a dog by a tree", "--concepts", "dog,tree", "--model", model, "--out",
+                 str(tmp_path / "gen"), "--device", "cpu"]) == 0
+    generated = ConceptMaps.load(tmp_path / "gen")
+    assert generated.tensor.shape == (1, 2, 8, 8) and generated.meta["family"] == "chroma"
+    assert main(["explain", str(tmp_path / "photo.png"), "--concepts", "dog,sky", "--model", model, "--out",
+                 str(tmp_path / "exp"), "--device", "cpu"]) == 0
+    assert ConceptMaps.load(tmp_path / "exp").tensor.shape == (1, 2, 8, 13)

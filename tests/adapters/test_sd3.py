@@ -407,3 +407,34 @@ def test_unknown_processor_refused():
     assert_restored(transformer, before)
     with pytest.raises(ValueError, match=r"expected \(tokens, 32\)"):
         ConceptAttention(transformer, ["a"], concept_embeds=[torch.zeros(1, 7)])
+
+
+# ---------------------------------------------------------------- 8. explain, generate, CLI
+def test_explain_and_cli_accept_sd3_pipelines(tmp_path):
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from concept_attention import ConceptMaps, explain
+    from concept_attention.cli import main
+
+    pipe = tiny.sd3_pipeline(seed=4)
+    pipe.save_pretrained(tmp_path / "model")
+    (tmp_path / "model" / "concept_attention.json").write_text(json.dumps(
+        {"size": 32, "num_inference_steps": 2, "max_sequence_length": 16, "sd3_concept_tokens": "both"}))
+    picture = Image.fromarray((np.random.default_rng(0).random((24, 40, 3)) * 255).astype("uint8"))
+    pipe.default_sample_size = 16
+    maps = explain(pipe, picture, ["dog", "sky"], num_samples=2, max_sequence_length=16)
+    assert maps.tensor.shape == (1, 2, 8, 13) and maps.meta["model_size"] == [52, 32]
+    assert torch.allclose(maps.tensor.sum(1), torch.ones(1, 8, 13), atol=1e-5)
+    picture.save(tmp_path / "photo.png")
+    model = str(tmp_path / "model")
+    assert main(["generate", "a dog by a tree", "--concepts", "dog,tree", "--model", model, "--out",
+                 str(tmp_path / "gen"), "--device", "cpu"]) == 0
+    generated = ConceptMaps.load(tmp_path / "gen")
+    assert generated.tensor.shape == (1, 2, 8, 8) and generated.meta["family"] == "sd3"
+    assert generated.meta["concept_tokens"] == [2, 2]  # "both": CLIP row + T5 row per word
+    assert main(["explain", str(tmp_path / "photo.png"), "--concepts", "dog,sky", "--model", model, "--out",
+                 str(tmp_path / "exp"), "--device", "cpu"]) == 0
+    assert ConceptMaps.load(tmp_path / "exp").tensor.shape == (1, 2, 8, 13)
