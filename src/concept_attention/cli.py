@@ -112,6 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--samples", type=int, default=4, help="noise samples averaged (default 4)")
 
     commands.add_parser("models", help="list supported model families and the embedded default model")
+    app = commands.add_parser("app", help="serve the web app (generate and explain in the browser)")
+    app.add_argument("--model", default=None, help="Hub id or local diffusers directory (default: embedded model)")
+    app.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    app.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    app.add_argument("--share", default="no", choices=["yes", "no"], help="create a public gradio link (default no)")
+    app.add_argument("--device", default="auto")
+    app.add_argument("--dtype", default="auto")
     commands.add_parser("eval", help="zero-shot segmentation benchmarks (see `concept-attention eval --help`)",
                         add_help=False)
     return parser
@@ -220,6 +227,16 @@ def run_models(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def run_app(args: argparse.Namespace) -> int:
+    from .app import launch
+
+    if not 0 < args.port < 65536:
+        raise UsageError(f"--port must be in 1..65535, not {args.port}")
+    launch(args.model, host=args.host, port=args.port, share=args.share == "yes", device=args.device,
+           dtype=args.dtype, block=True)
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "eval":
@@ -234,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from .loading import ModelLoadError
 
-    handlers = {"generate": run_generate, "explain": run_explain, "models": run_models}
+    handlers = {"generate": run_generate, "explain": run_explain, "models": run_models, "app": run_app}
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt:

@@ -1,0 +1,265 @@
+"""The web app: generate or explain images with concept maps in the browser (gradio).
+
+``concept-attention app [--model ID_OR_PATH] [--host 127.0.0.1] [--port 7860] [--share no]``
+
+One pipeline instance is shared; gradio's queue runs one request at a time and each request
+opens its own ConceptAttention session, so concurrent users never see each other's maps.
+Errors a user can cause (no concepts, too many, unreadable uploads, sizes the model cannot take)
+are shown as a message in the page; the app keeps serving.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageDraw, ImageFont
+
+from . import viz
+from .core.maps import ConceptMaps
+from .explain import explain, load_image
+from .generate import generate
+from .loading import pipeline_defaults
+
+MAX_CONCEPTS = 8
+"""Most concepts one request may ask for (maps are shown side by side)."""
+
+GENERIC_EXAMPLES = [
+    {"prompt": "a dog by a tree in a park", "concepts": ["dog", "tree", "grass", "sky"]},
+    {"prompt": "a red car on a street", "concepts": ["car", "street", "building", "sky"]},
+]
+
+
+class UserInputError(ValueError):
+    """A problem with what the user entered; shown in the page."""
+
+
+def clean_concepts(concepts: Any) -> list[str]:
+    """Concepts from a multi-value input: strings, comma-separated allowed; 1..MAX_CONCEPTS."""
+    if concepts is None:
+        concepts = []
+    if isinstance(concepts, str):
+        concepts = [concepts]
+    names: list[str] = []
+    for item in concepts:
+        for part in str(item).split(","):
+            part = part.strip()
+            if part and part.lower() not in {n.lower() for n in names}:
+                names.append(part)
+    if not names:
+        raise UserInputError("Add at least one concept (e.g. dog, sky, background).")
+    if len(names) > MAX_CONCEPTS:
+        raise UserInputError(f"At most {MAX_CONCEPTS} concepts per request; you gave {len(names)}.")
+    return names
+
+
+def segmentation_with_legend(maps: ConceptMaps, image: Image.Image) -> Image.Image:
+    """The argmax segmentation blended over the image, with a colour legend strip below."""
+    base = viz.to_rgb_image(image)
+    scale = max(1, 256 // max(base.width, base.height))
+    base = base.resize((base.width * scale, base.height * scale), Image.NEAREST) if scale > 1 else base
+    labels = viz.upsample(maps.tensor[:1], (base.height, base.width)).argmax(dim=1)[0].numpy()
+    palette = viz.label_palette(len(maps.concepts))
+    blended = viz.blend(base, palette[labels], 0.6)
+    font = ImageFont.load_default()
+    row = 18
+    legend = Image.new("RGB", (blended.width, row * len(maps.concepts) + 6), (255, 255, 255))
+    draw = ImageDraw.Draw(legend)
+    for i, name in enumerate(maps.concepts):
+        top = 3 + i * row
+        draw.rectangle([6, top + 2, 20, top + 14], fill=tuple(int(c) for c in palette[i]))
+        draw.text((26, top + 2), name, fill=(0, 0, 0), font=font)
+    canvas = Image.new("RGB", (blended.width, blended.height + legend.height), (255, 255, 255))
+    canvas.paste(blended, (0, 0))
+    canvas.paste(legend, (0, blended.height))
+    return canvas
+
+
+def result_views(maps: ConceptMaps, workdir: Path) -> tuple:
+    """(image, overlays, segmentation, cross-attention overlays, zip path) for the page."""
+    image = maps.image
+    display = image
+    if max(image.size) < 256:  # small model outputs: enlarge for the page (nearest keeps pixels crisp)
+        factor = 256 // max(image.size)
+        display = image.resize((image.width * factor, image.height * factor), Image.NEAREST)
+    overlays = [(maps.overlay(display, c), c) for c in maps.concepts]
+    cross = maps.others.get("cross_attention")
+    cross_overlays = [(cross.overlay(display, c), f"{c} (cross-attention)") for c in cross.concepts] if cross else []
+    segmentation = segmentation_with_legend(maps, image)
+    folder = workdir / "concept-maps"
+    maps.save(folder)
+    archive = shutil.make_archive(str(workdir / "concept-maps"), "zip", root_dir=folder)
+    return display, overlays, segmentation, cross_overlays, archive
+
+
+class ConceptApp:
+    """Request handlers around one shared pipeline (a lock makes sure one request runs at a time)."""
+
+    def __init__(self, pipe: Any) -> None:
+        self.pipe = pipe
+        self.defaults = pipeline_defaults(pipe)
+        self._lock = threading.Lock()
+        self._tmp = Path(tempfile.mkdtemp(prefix="concept-attention-app-"))
+        self._count = 0
+
+    def _workdir(self) -> Path:
+        self._count += 1
+        path = self._tmp / f"request-{self._count}"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    @property
+    def num_layers(self) -> int:
+        from .adapters import resolve_adapter
+
+        return len(resolve_adapter(self.pipe.transformer).dual_blocks)
+
+    def run_generate(self, prompt: str, concepts: Any, seed: float, steps: float, width: float, height: float,
+                     progress: Any = None) -> tuple:
+        names = clean_concepts(concepts)
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise UserInputError("Enter a prompt.")
+
+        def on_step(done: int, total: int) -> None:
+            if progress is not None and total:
+                progress((done, total), desc="denoising")
+
+        with self._lock:
+            try:
+                maps = generate(self.pipe, prompt.strip(), names, steps=int(steps), seed=int(seed),
+                                size=(int(width), int(height)), on_step=on_step)
+            except (ValueError, TypeError) as error:
+                raise UserInputError(str(error)) from None
+            return result_views(maps, self._workdir())
+
+    def run_explain(self, upload: Any, concepts: Any, prompt: str, timestep: float, samples: float,
+                    layer_start: float, layer_end: float, progress: Any = None) -> tuple:
+        names = clean_concepts(concepts)
+        if upload is None:
+            raise UserInputError("Upload an image first.")
+        try:
+            picture = load_image(upload)
+        except (ValueError, TypeError, FileNotFoundError) as error:
+            raise UserInputError(f"Cannot use this upload: {error}") from None
+        start, end = int(layer_start), int(layer_end)
+        if start > end:
+            raise UserInputError(f"The layer range {start}–{end} is empty: the start must not exceed the end.")
+        with self._lock:
+            if progress is not None:
+                progress(0.1, desc="encoding and explaining")
+            try:
+                maps = explain(self.pipe, picture, names, prompt=prompt or "", timestep=float(timestep),
+                               num_samples=int(samples), layers=list(range(start, end + 1)),
+                               space=["output", "cross_attention"])
+            except (ValueError, TypeError) as error:
+                raise UserInputError(str(error)) from None
+            return result_views(maps, self._workdir())
+
+
+def build_app(pipe: Any) -> Any:
+    """The gradio Blocks app for ``pipe`` (not launched)."""
+    import gradio as gr
+
+    app = ConceptApp(pipe)
+    defaults = app.defaults
+    examples = defaults.get("examples") or GENERIC_EXAMPLES
+    vocabulary = sorted({c for example in examples for c in example["concepts"]})
+    size = int(defaults.get("size") or getattr(pipe, "default_sample_size", 128) * getattr(pipe, "vae_scale_factor", 8))
+    multiple = int(getattr(pipe, "vae_scale_factor", 8)) * 2
+    steps = int(defaults.get("num_inference_steps") or 4)
+    layers = app.num_layers
+    first = examples[0]
+
+    def guarded(function):
+        def wrapper(*args, progress=gr.Progress()):
+            try:
+                return function(*args, progress=progress)
+            except UserInputError as error:
+                raise gr.Error(str(error)) from None
+            except Exception as error:  # keep serving; no stack trace in the page
+                raise gr.Error(f"Something went wrong: {type(error).__name__}: {error}") from None
+
+        wrapper.__name__ = function.__name__
+        return wrapper
+
+    with gr.Blocks(title="ConceptAttention") as demo:
+        gr.Markdown(
+            "# ConceptAttention\nWhere does the diffusion transformer see each concept? "
+            f"Model: `{getattr(pipe, 'model_id', None) or type(pipe).__name__}`. Concepts need not appear in the "
+            f"prompt (up to {MAX_CONCEPTS}); add a filler such as a background word so that every pixel has a home."
+        )
+        with gr.Tab("Generate an image"):
+            with gr.Row():
+                with gr.Column():
+                    g_prompt = gr.Dropdown(choices=[e["prompt"] for e in examples], value=first["prompt"],
+                                           allow_custom_value=True, label="Prompt", elem_id="gen-prompt")
+                    g_concepts = gr.Dropdown(choices=vocabulary, value=first["concepts"], multiselect=True,
+                                             allow_custom_value=True, label=f"Concepts (up to {MAX_CONCEPTS})",
+                                             elem_id="gen-concepts")
+                    with gr.Row():
+                        g_seed = gr.Number(value=0, precision=0, label="Seed")
+                        g_steps = gr.Slider(1, max(50, steps), value=steps, step=1, label="Steps")
+                    with gr.Row():
+                        g_width = gr.Slider(multiple, size * 4, value=size, step=multiple, label="Width")
+                        g_height = gr.Slider(multiple, size * 4, value=size, step=multiple, label="Height")
+                    g_button = gr.Button("Generate", variant="primary", elem_id="gen-button")
+                with gr.Column():
+                    g_image = gr.Image(label="Generated image", elem_id="gen-image", type="pil")
+                    g_seg = gr.Image(label="Segmentation (argmax over concepts)", type="pil")
+            g_gallery = gr.Gallery(label="ConceptAttention maps", columns=4, elem_id="gen-gallery")
+            g_cross = gr.Gallery(label="Raw cross-attention maps (baseline)", columns=4)
+            g_zip = gr.File(label="Download the result folder (zip)")
+
+            def fill_concepts(prompt: str):
+                for example in examples:
+                    if example["prompt"] == prompt:
+                        return gr.update(value=example["concepts"])
+                return gr.update()
+
+            g_prompt.change(fill_concepts, g_prompt, g_concepts)
+            g_button.click(guarded(app.run_generate),
+                           [g_prompt, g_concepts, g_seed, g_steps, g_width, g_height],
+                           [g_image, g_gallery, g_seg, g_cross, g_zip], api_name="generate")
+        with gr.Tab("Explain an image"):
+            with gr.Row():
+                with gr.Column():
+                    e_upload = gr.File(label="Image (any common format)", file_types=["image"],
+                                       type="filepath", elem_id="exp-upload")
+                    e_concepts = gr.Dropdown(choices=vocabulary, value=first["concepts"], multiselect=True,
+                                             allow_custom_value=True, label=f"Concepts (up to {MAX_CONCEPTS})",
+                                             elem_id="exp-concepts")
+                    e_prompt = gr.Textbox(value="", label="Prompt (optional)")
+                    e_timestep = gr.Slider(0.05, 1.0, value=0.5, step=0.05, label="Noise timestep t")
+                    e_samples = gr.Slider(1, 10, value=4, step=1, label="Noise samples")
+                    with gr.Row():
+                        default_layers = defaults.get("layers") or list(range(layers // 2, layers))
+                        e_start = gr.Slider(0, layers - 1, value=min(default_layers), step=1, label="First layer")
+                        e_end = gr.Slider(0, layers - 1, value=max(default_layers), step=1, label="Last layer")
+                    e_button = gr.Button("Explain", variant="primary", elem_id="exp-button")
+                with gr.Column():
+                    e_image = gr.Image(label="Image", type="pil")
+                    e_seg = gr.Image(label="Segmentation (argmax over concepts)", type="pil")
+            e_gallery = gr.Gallery(label="ConceptAttention maps", columns=4, elem_id="exp-gallery")
+            e_cross = gr.Gallery(label="Raw cross-attention maps (baseline)", columns=4)
+            e_zip = gr.File(label="Download the result folder (zip)")
+            e_button.click(guarded(app.run_explain),
+                           [e_upload, e_concepts, e_prompt, e_timestep, e_samples, e_start, e_end],
+                           [e_image, e_gallery, e_seg, e_cross, e_zip], api_name="explain")
+    demo.queue(default_concurrency_limit=1)
+    return demo
+
+
+def launch(model: str | None = None, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
+           device: str = "auto", dtype: str = "auto", block: bool = True) -> Any:
+    """Load the model and serve the app; returns the gradio app (``block=False`` for tests)."""
+    from .loading import load_pipeline
+
+    pipe = load_pipeline(model, device=device, dtype=dtype)
+    demo = build_app(pipe)
+    demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block,
+                show_error=False, quiet=not block)
+    return demo
+

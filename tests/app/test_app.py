@@ -1,0 +1,172 @@
+"""The web app: a real headless Chromium drives both tabs; 20 concurrent API requests."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from concept_attention.app import MAX_CONCEPTS, clean_concepts, launch, UserInputError
+
+SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir):
+    port = free_port()
+    demo = launch(str(tiny_model_dir), port=port, block=False)
+    yield f"http://127.0.0.1:{port}/"
+    demo.close()
+
+
+def test_clean_concepts():
+    assert clean_concepts(["dog", "sky, tree", "Dog"]) == ["dog", "sky", "tree"]
+    with pytest.raises(UserInputError, match="at least one"):
+        clean_concepts([" "])
+    with pytest.raises(UserInputError, match=f"At most {MAX_CONCEPTS}"):
+        clean_concepts([f"c{i}" for i in range(MAX_CONCEPTS + 1)])
+
+
+def test_concurrent_api_requests(server, tmp_path):
+    from gradio_client import Client, handle_file
+
+    upload = tmp_path / "up.png"
+    Image.fromarray((np.random.default_rng(0).random((40, 60, 3)) * 255).astype("uint8")).save(upload)
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"not an image at all")
+    concept_sets = [["dog"], ["dog", "tree"], ["dog", "tree", "sky"], ["car", "sky", "grass", "tree"]]
+
+    def request(i: int):
+        client = Client(server, verbose=False)
+        kind = i % 5
+        try:
+            if kind == 4:  # invalid: no concepts / too many / corrupt upload / empty prompt
+                bad = i % 4
+                if bad == 0:
+                    client.predict("a dog", [], 0, 2, 32, 32, api_name="/generate")
+                elif bad == 1:
+                    client.predict("a dog", [f"c{k}" for k in range(MAX_CONCEPTS + 2)], 0, 2, 32, 32,
+                                   api_name="/generate")
+                elif bad == 2:
+                    client.predict(handle_file(str(corrupt)), ["dog"], "", 0.5, 1, 2, 3, api_name="/explain")
+                else:
+                    client.predict("a dog", ["dog"], 0, 2, 30, 32, api_name="/generate")
+                return i, "no-error", None
+            concepts = concept_sets[kind]
+            if i % 2:
+                result = client.predict(handle_file(str(upload)), concepts, "", 0.5, 1, 2, 3, api_name="/explain")
+            else:
+                result = client.predict(f"a scene {i}", concepts, i, 2, 32, 32, api_name="/generate")
+            return i, "ok", (concepts, result)
+        except Exception as error:  # the client raises the app's readable message
+            return i, "error", str(error)
+
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        outcomes = list(pool.map(request, range(20)))
+    for i, status, payload in outcomes:
+        if i % 5 == 4:
+            assert status == "error", (i, status)
+            assert any(s in payload for s in ("at least one concept", "At most", "Cannot use this upload",
+                                              "multiples of")), payload
+            assert "Traceback" not in payload
+        else:
+            assert status == "ok", (i, payload)
+            concepts, (image, gallery, segmentation, cross, archive) = payload
+            captions = [item["caption"] for item in gallery]
+            assert captions == concepts  # this request's own maps, in its own order
+            assert len(cross) == len(concepts)
+            assert Path(image).is_file() and Path(segmentation).is_file() and archive.endswith(".zip")
+    # the app still answers afterwards
+    from gradio_client import Client
+
+    again = Client(server, verbose=False).predict("a dog", ["dog", "sky"], 0, 2, 32, 32, api_name="/generate")
+    assert [item["caption"] for item in again[1]] == ["dog", "sky"]
+
+
+def chromium_driver():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", "--window-size=1400,1800"):
+        options.add_argument(flag)
+    service = Service(executable_path=shutil.which("chromedriver") or "/usr/bin/chromedriver")
+    return webdriver.Chrome(service=service, options=options)
+
+
+def wait_for_gallery(driver, gallery_id: str, count: int, timeout: float = 120) -> list:
+    from selenium.webdriver.common.by import By
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        images = driver.find_elements(By.CSS_SELECTOR, f"#{gallery_id} img")
+        loaded = [img for img in images if driver.execute_script(
+            "return arguments[0].complete && arguments[0].naturalWidth > 0", img)]
+        if len(loaded) >= count:
+            return loaded
+        time.sleep(0.5)
+    raise AssertionError(f"{gallery_id} did not show {count} images within {timeout} s")
+
+
+def test_browser_generate_and_explain(server, tmp_path):
+    if not shutil.which("chromium") or not shutil.which("chromedriver"):
+        pytest.fail("Debian chromium and chromium-driver are required (.ci/run installs them)")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    driver = chromium_driver()
+    try:
+        driver.get(server)
+        wait = time.time() + 60
+        while not driver.find_elements(By.ID, "gen-button") and time.time() < wait:
+            time.sleep(0.5)
+        # Generate tab: type a custom prompt, keep the example's concepts, add one more
+        prompt = driver.find_element(By.CSS_SELECTOR, "#gen-prompt input")
+        prompt.send_keys(Keys.CONTROL, "a")
+        prompt.send_keys("a dog by a tree on grass")
+        prompt.send_keys(Keys.ENTER)
+        concepts = driver.find_element(By.CSS_SELECTOR, "#gen-concepts input")
+        concepts.send_keys("background")
+        concepts.send_keys(Keys.ENTER)
+        concepts.send_keys(Keys.ESCAPE)  # close the option list
+        driver.find_element(By.TAG_NAME, "h1").click()
+        time.sleep(0.5)
+        driver.find_element(By.ID, "gen-button").click()
+        images = wait_for_gallery(driver, "gen-gallery", 5)
+        assert len(images) >= 5  # 4 example concepts + the added one
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        driver.save_screenshot(str(tmp_path / "generate.png"))
+        if os.environ.get("CONCEPT_ATTENTION_SCREENSHOTS"):
+            driver.save_screenshot(str(SCREENSHOTS / "app-generate.png"))
+        # Explain tab: upload an RGBA PNG
+        upload = tmp_path / "upload.png"
+        Image.fromarray((np.random.default_rng(2).random((48, 64, 4)) * 255).astype("uint8"), "RGBA").save(upload)
+        tab = [b for b in driver.find_elements(By.CSS_SELECTOR, "button[role='tab']") if "Explain" in b.text][0]
+        tab.click()
+        time.sleep(1)
+        driver.find_element(By.CSS_SELECTOR, "#exp-upload input[type='file']").send_keys(str(upload))
+        time.sleep(2)
+        driver.find_element(By.ID, "exp-button").click()
+        images = wait_for_gallery(driver, "exp-gallery", 4)
+        assert len(images) >= 4
+        driver.save_screenshot(str(tmp_path / "explain.png"))
+        if os.environ.get("CONCEPT_ATTENTION_SCREENSHOTS"):
+            driver.save_screenshot(str(SCREENSHOTS / "app-explain.png"))
+    finally:
+        driver.quit()
