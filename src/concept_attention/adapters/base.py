@@ -23,6 +23,12 @@ class ModelAdapter(ABC):
 
     family: ClassVar[str] = ""
     transformer_class_names: ClassVar[tuple[str, ...]] = ()
+    default_concept_modulation: ClassVar[str] = "zero"
+    """The family's preferred ``concept_modulation`` (e.g. SD3: ``"prompt"``, as the authors' code).
+
+    Informational until the session resolves an unset ``concept_modulation`` to it; adapters
+    always follow the session's ``concept_modulation``.
+    """
 
     def __init__(self, transformer: nn.Module) -> None:
         self.transformer = transformer

@@ -22,9 +22,11 @@ Choices specific to this family:
 
   ``concept_embeds=[...]`` (rows in the 4096-wide prompt-embedding space) bypasses this.
 * **Concept modulation.** ``"prompt"`` reuses the prompt's ``temb`` (timestep + pooled CLIP
-  vector), as the authors' SD3 code does; this is the family's declared default
+  vector), as the authors' SD3 code does; it is this family's declared default
   (:attr:`SD3Adapter.default_concept_modulation`). ``"zero"`` recomputes ``time_text_embed``
-  with a zero pooled vector. The session's ``concept_modulation`` option decides.
+  with a zero pooled vector. The adapter always follows the session's ``concept_modulation``;
+  a session whose core does not yet resolve an unset option to the family default uses its own
+  default (``"zero"``), so pass ``concept_modulation="prompt"`` to match the authors' SD3 runs.
 * **Batched CFG.** ``StableDiffusion3Pipeline`` runs ``[uncond, cond]`` in one batch. Concept rows
   run for the whole batch (each half beside its own image); maps are read from the conditional
   half only. A bare transformer call maps every row.
