@@ -262,3 +262,19 @@ def test_explain_and_cli_accept_chroma_pipelines(tmp_path):
     assert main(["explain", str(tmp_path / "photo.png"), "--concepts", "dog,sky", "--model", model, "--out",
                  str(tmp_path / "exp"), "--device", "cpu"]) == 0
     assert ConceptMaps.load(tmp_path / "exp").tensor.shape == (1, 2, 8, 13)
+
+
+def test_fused_qkv_gives_same_maps():
+    transformer = tiny.chroma_transformer(seed=8)
+    inputs = tiny.chroma_inputs(transformer)
+    embeds = concept_embeds(transformer)
+    with torch.no_grad():
+        with ConceptAttention(transformer, ["a", "b", "c"], concept_embeds=embeds) as reference:
+            transformer(**inputs)
+        transformer.fuse_qkv_projections()
+        plain = transformer(**inputs).sample
+        with ConceptAttention(transformer, ["a", "b", "c"], concept_embeds=embeds) as fused:
+            watched = transformer(**inputs).sample
+    assert transformer.transformer_blocks[0].attn.fused_projections
+    assert torch.equal(plain, watched)
+    assert torch.allclose(fused.maps.tensor, reference.maps.tensor, atol=1e-5)
