@@ -278,3 +278,13 @@ def test_fused_qkv_gives_same_maps():
     assert transformer.transformer_blocks[0].attn.fused_projections
     assert torch.equal(plain, watched)
     assert torch.allclose(fused.maps.tensor, reference.maps.tensor, atol=1e-5)
+
+
+def test_session_on_the_bare_transformer_still_reads_the_conditional_call(chroma_pipe):
+    with ConceptAttention(chroma_pipe, CONCEPTS) as on_pipe:
+        tiny.generate(chroma_pipe, negative_prompt="a cat", guidance_scale=4.0)
+    embeds = on_pipe.concept_embeds
+    with ConceptAttention(chroma_pipe.transformer, CONCEPTS, concept_embeds=embeds) as on_model:
+        tiny.generate(chroma_pipe, negative_prompt="a cat", guidance_scale=4.0)
+    assert on_model.steps == [0, 1]
+    assert torch.allclose(on_model.maps.tensor, on_pipe.maps.tensor, atol=1e-6)

@@ -438,3 +438,13 @@ def test_explain_and_cli_accept_sd3_pipelines(tmp_path):
     assert main(["explain", str(tmp_path / "photo.png"), "--concepts", "dog,sky", "--model", model, "--out",
                  str(tmp_path / "exp"), "--device", "cpu"]) == 0
     assert ConceptMaps.load(tmp_path / "exp").tensor.shape == (1, 2, 8, 13)
+
+
+def test_session_on_the_bare_transformer_still_reads_the_conditional_half(sd3_pipe):
+    with ConceptAttention(sd3_pipe, CONCEPTS, timesteps=[0]) as on_pipe:
+        tiny.generate(sd3_pipe, guidance_scale=5.0)
+    embeds = on_pipe.concept_embeds
+    with ConceptAttention(sd3_pipe.transformer, CONCEPTS, concept_embeds=embeds, timesteps=[0]) as on_model:
+        tiny.generate(sd3_pipe, guidance_scale=5.0)
+    assert on_model.maps.tensor.shape == (1, 3, 8, 8)
+    assert torch.allclose(on_model.maps.tensor, on_pipe.maps.tensor, atol=1e-6)

@@ -32,7 +32,7 @@ from torch import nn
 
 from .base import register_adapter
 from .flux import FluxAdapter, _call_default
-from .sd3 import pipeline_is_running, word_positions
+from .sd3 import running_pipeline, word_positions
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..core.session import CallState, ConceptAttention
@@ -118,9 +118,8 @@ class ChromaAdapter(FluxAdapter):
     def is_conditional_call(self, bound: inspect.BoundArguments, context_name: str | None) -> bool:
         if context_name is not None:
             return super().is_conditional_call(bound, context_name)
-        session = self._session
-        pipeline = session.pipeline if session is not None else None
-        if not pipeline_is_running(pipeline) or not bool(getattr(pipeline, "do_classifier_free_guidance", False)):
+        pipeline = running_pipeline(self.transformer)
+        if pipeline is None or not bool(getattr(pipeline, "do_classifier_free_guidance", False)):
             self._previous_timestep = None
             return True
         timestep = bound.arguments.get("timestep")

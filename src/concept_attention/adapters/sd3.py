@@ -29,7 +29,7 @@ Choices specific to this family:
   default (``"zero"``), so pass ``concept_modulation="prompt"`` to match the authors' SD3 runs.
 * **Batched CFG.** ``StableDiffusion3Pipeline`` runs ``[uncond, cond]`` in one batch. Concept rows
   run for the whole batch (each half beside its own image); maps are read from the conditional
-  half only. A bare transformer call maps every row.
+  half only. A direct transformer call (not made by a running pipeline) maps every row.
 * **Last block** (``context_pre_only=True``): ``norm1_context`` is ``AdaLayerNormContinuous``
   (no gates) and there is no ``to_add_out``/text MLP. It still contributes a map from its
   pre-projection concept output; the concept stream ends there.
@@ -73,23 +73,24 @@ def _processor_classes() -> tuple[tuple[type, ...], tuple[type, ...]]:
     return plain + fused, fused
 
 
-def pipeline_is_running(pipeline: Any, max_depth: int = 100) -> bool:
-    """Whether the current transformer call comes from inside ``pipeline.__call__``.
+def running_pipeline(transformer: nn.Module, max_depth: int = 100) -> Any:
+    """The pipeline whose ``__call__`` is calling ``transformer`` right now, or None.
 
     Pipeline attributes such as ``do_classifier_free_guidance`` keep their last value after a
-    run, so they only describe a call made by the running pipeline; a direct transformer call
-    (a bare call, ``explain``) is told apart by looking for the pipeline's ``__call__`` frame.
+    run, so they only describe a call made by a running pipeline; a direct transformer call (a
+    bare call, ``explain``) is told apart by looking for a ``__call__`` frame of a pipeline that
+    holds this transformer (any pipeline sharing it, not only the one given to the session).
     """
-    if pipeline is None:
-        return False
     frame = sys._getframe(1)
     depth = 0
     while frame is not None and depth < max_depth:
-        if frame.f_code.co_name == "__call__" and frame.f_locals.get("self") is pipeline:
-            return True
+        if frame.f_code.co_name == "__call__":
+            owner = frame.f_locals.get("self")
+            if getattr(owner, "transformer", None) is transformer:
+                return owner
         frame = frame.f_back
         depth += 1
-    return False
+    return None
 
 
 class _Capture:
@@ -353,9 +354,7 @@ class SD3Adapter(ModelAdapter):
     def is_conditional_call(self, bound: inspect.BoundArguments, context_name: str | None) -> bool:
         if not super().is_conditional_call(bound, context_name):
             return False
-        skip = bound.arguments.get("skip_layers")
-        session = self._session
-        if skip and session is not None and pipeline_is_running(session.pipeline):
+        if bound.arguments.get("skip_layers") and running_pipeline(self.transformer) is not None:
             return False  # skip-layer guidance's auxiliary call
         return True
 
@@ -376,10 +375,10 @@ class SD3Adapter(ModelAdapter):
             call.timestep = float(timestep) / 1000.0
         session = self._session
         assert session is not None
-        pipeline = session.pipeline
+        pipeline = running_pipeline(self.transformer)
         if (
             call.batch_size % 2 == 0
-            and pipeline_is_running(pipeline)
+            and pipeline is not None
             and bool(getattr(pipeline, "do_classifier_free_guidance", False))
             and not arguments.get("skip_layers")
         ):
