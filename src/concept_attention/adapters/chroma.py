@@ -54,7 +54,8 @@ class ChromaAdapter(FluxAdapter):
         self, pipeline: Any, concepts: Sequence[str], max_sequence_length: int | None
     ) -> list[torch.Tensor]:
         tokenizer = getattr(pipeline, "tokenizer", None)
-        if tokenizer is None or getattr(pipeline, "text_encoder", None) is None or not hasattr(pipeline, "encode_prompt"):
+        encoder = getattr(pipeline, "text_encoder", None)
+        if tokenizer is None or encoder is None or not hasattr(pipeline, "encode_prompt"):
             raise TypeError(
                 f"{type(pipeline).__name__} has no T5 prompt encoder (tokenizer/text_encoder); pass "
                 "concept_embeds=[...] to encode concepts yourself"
