@@ -1,0 +1,345 @@
+"""CogVideoX adapter (``CogVideoXTransformer3DModel``): concept maps over the frames of a video.
+
+CogVideoX blocks have one set of weights for text and video: q/k/v, the qk LayerNorms, ``to_out``
+and the feed-forward are shared; the streams differ only by the modulation (``CogVideoXLayerNormZero``
+returns video and text (``enc_*``) shift/scale/gate from one Linear) and by RoPE (video only).
+So the concept stream is: text modulation of ``norm1``/``norm2`` + the shared weights, no RoPE.
+Concept queries attend to ``[video keys (rotated); concept keys]``.
+
+Concepts are embedded with ``patch_embed.text_proj`` on their own: they are never appended to the
+model input (the 2B model's joint position table fixes the text length at ``max_text_seq_length``).
+The text rows of that table are zeros, so nothing is lost.
+
+The joint order is ``[text, video]`` and a block returns ``(video, text)``. Maps live on the latent
+token grid ``(frames, h, w)`` (``frames`` = latent frames, divided by ``patch_size_t`` for 1.5), so
+``ConceptMaps.tensor`` is ``(batch, concepts, frames, h, w)``.
+
+**Classifier-free guidance.** The pipeline runs one batched call ``[uncond, cond]`` inside
+``cache_context("cond_uncond")``; maps are read from the conditional half. :attr:`CogVideoXAdapter.
+batched_cfg` = ``None`` (default) detects that batch: the two halves of ``hidden_states`` are equal
+and those of ``encoder_hidden_states`` differ (outside an ``"uncond"`` context name this also
+applies to a bare transformer called that way); ``True``/``False`` force it.
+
+**Memory.** Only running sums of maps are kept; the video keys/values/outputs of a block are
+referenced for the duration of that block's attention call and released right after.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import TYPE_CHECKING, Any, Sequence
+
+import torch
+from torch import nn
+
+from ..core.scoring import BlockActivations, concept_attention
+from .base import ModelAdapter, register_adapter
+from .flux import _call_default, encode_with_t5
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..core.session import CallState, ConceptAttention
+
+
+def _known_processor_classes() -> tuple[type, ...]:
+    from diffusers.models import attention_processor
+
+    names = ("CogVideoXAttnProcessor2_0", "FusedCogVideoXAttnProcessor2_0")
+    return tuple(getattr(attention_processor, n) for n in names if hasattr(attention_processor, n))
+
+
+class _VideoCapture:
+    """Collects the original processor's key, value and pre-projection output through hooks."""
+
+    def __init__(self) -> None:
+        self.enabled = False
+        self.key: torch.Tensor | None = None  # (B, H, S, D) after qk-norm
+        self.key_last: torch.Tensor | None = None  # last token before RoPE, to detect in-place RoPE
+        self.value: torch.Tensor | None = None  # (B, S, inner)
+        self.output: torch.Tensor | None = None  # (B, S, inner) before to_out
+
+    def clear(self) -> None:
+        self.key = self.key_last = self.value = self.output = None
+
+    def on_key(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        if self.enabled:
+            self.key = output
+            self.key_last = output[:, :, -1:].clone()
+
+    def on_to_v(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        if self.enabled:
+            self.value = output
+
+    def on_to_qkv(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        if self.enabled:
+            self.value = output.chunk(3, dim=-1)[2]
+
+    def on_to_out(self, module: nn.Module, args: tuple) -> None:
+        if self.enabled:
+            self.output = args[0]
+
+
+class CogVideoXConceptProcessor:
+    """Wraps a block's original CogVideoX processor and runs the concept stream beside it."""
+
+    def __init__(self, inner: Any, block: nn.Module, block_index: int, session: "ConceptAttention") -> None:
+        self.inner = inner
+        self.block = block
+        self.block_index = block_index
+        self.session = session
+        self.capture = _VideoCapture()
+        self._handles: list[Any] = []
+        self._qkv_hooked: nn.Module | None = None
+
+    # diffusers filters attention kwargs by this signature: keep it identical to CogVideoXAttnProcessor2_0.
+    def __call__(
+        self,
+        attn: nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: Any = None,
+    ) -> Any:
+        call = self.session.current_call
+        if call is None or call.concepts is None:
+            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        self._hook_fused_projection(attn)
+        self.capture.enabled = True
+        try:
+            outputs = self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        finally:
+            self.capture.enabled = False
+        try:
+            with torch.no_grad():
+                self._concept_step(attn, call, encoder_hidden_states.shape[1], image_rotary_emb)
+        finally:
+            self.capture.clear()
+        return outputs
+
+    def hook(self, attn: nn.Module) -> None:
+        key_module = attn.norm_k if attn.norm_k is not None else attn.to_k
+        on_key = self.capture.on_key if attn.norm_k is not None else self._on_raw_key(attn)
+        self._handles += [
+            key_module.register_forward_hook(on_key),
+            attn.to_v.register_forward_hook(self.capture.on_to_v),
+            attn.to_out[0].register_forward_pre_hook(self.capture.on_to_out),
+        ]
+
+    def _on_raw_key(self, attn: nn.Module) -> Any:
+        def on_key(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            self.capture.on_key(module, args, output.unflatten(-1, (attn.heads, -1)).transpose(1, 2))
+
+        return on_key
+
+    def unhook(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._qkv_hooked = None
+
+    def _hook_fused_projection(self, attn: nn.Module) -> None:
+        fused = getattr(attn, "to_qkv", None) if getattr(attn, "fused_projections", False) else None
+        if fused is not None and fused is not self._qkv_hooked:
+            self._handles.append(fused.register_forward_hook(self.capture.on_to_qkv))
+            self._qkv_hooked = fused
+
+    def _video_keys(self, text_len: int, rotary: Any) -> torch.Tensor:
+        """Video keys after qk-norm and RoPE, (B, N, H, D)."""
+        capture = self.capture
+        key = capture.key
+        assert key is not None and capture.key_last is not None
+        video = key[:, :, text_len:]
+        # diffusers rotates the video keys in place; rotate here only if that did not happen.
+        if rotary is not None and torch.equal(key[:, :, -1:], capture.key_last):
+            from diffusers.models.embeddings import apply_rotary_emb
+
+            video = apply_rotary_emb(video, rotary)
+        return video.transpose(1, 2)
+
+    def _concept_step(self, attn: nn.Module, call: "CallState", text_len: int, rotary: Any) -> None:
+        capture, block, session = self.capture, self.block, self.session
+        if capture.key is None or capture.value is None or capture.output is None:
+            raise RuntimeError(
+                "the CogVideoX attention processor did not expose keys/values/outputs as expected; "
+                "this diffusers version is not supported by the CogVideoX adapter"
+            )
+        heads = attn.heads
+        image_key = self._video_keys(text_len, rotary)
+        image_value = capture.value[:, text_len:].unflatten(-1, (heads, -1))
+        image_output = capture.output[:, text_len:].unflatten(-1, (heads, -1))
+
+        concepts = call.concepts
+        temb = call.extras["temb"]
+        _, normed, _, gate_msa = block.norm1(concepts, concepts, temb)
+        query = attn.to_q(normed).unflatten(-1, (heads, -1))
+        key = attn.to_k(normed).unflatten(-1, (heads, -1))
+        value = attn.to_v(normed).unflatten(-1, (heads, -1))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        concept_output = concept_attention(
+            query,
+            key,
+            value,
+            image_key,
+            image_value,
+            cross_attention=session.concept_cross_attention,
+            self_attention=session.concept_self_attention,
+        )
+        session.record(
+            self.block_index,
+            BlockActivations(
+                concept_query=query,
+                concept_key=key,
+                concept_value=value,
+                image_key=image_key,
+                image_value=image_value,
+                image_output=image_output,
+                concept_output=concept_output,
+            ),
+        )
+        # Residual update with the shared weights and the text (enc_*) modulation.
+        attended = attn.to_out[1](attn.to_out[0](concept_output.flatten(2).to(concepts.dtype)))
+        concepts = concepts + gate_msa * attended
+        _, normed, _, gate_ff = block.norm2(concepts, concepts, temb)
+        call.concepts = concepts + gate_ff * block.ff(normed)
+
+
+@register_adapter
+class CogVideoXAdapter(ModelAdapter):
+    """CogVideoX 2B / 5B / 1.5 (``CogVideoXTransformer3DModel``) text-to-video."""
+
+    family = "cogvideox"
+    transformer_class_names = ("CogVideoXTransformer3DModel",)
+
+    batched_cfg: bool | None = None
+    """Whether a call is batched CFG ``[uncond, cond]``: None = detect (module docstring)."""
+
+    def __init__(self, transformer: nn.Module, batched_cfg: bool | None = None) -> None:
+        super().__init__(transformer)
+        if batched_cfg is not None:
+            self.batched_cfg = batched_cfg
+        self._concept_rows: torch.Tensor | None = None
+        self._session: "ConceptAttention | None" = None
+        self._context_name: str | None = None
+
+    @property
+    def dual_blocks(self) -> Sequence[nn.Module]:
+        return self.transformer.transformer_blocks
+
+    @property
+    def concept_embed_dim(self) -> int:
+        return int(self.transformer.config.text_embed_dim)
+
+    # ------------------------------------------------------------------ concepts
+    def encode_concepts(
+        self, pipeline: Any, concepts: Sequence[str], max_sequence_length: int | None
+    ) -> list[torch.Tensor]:
+        tokenizer = getattr(pipeline, "tokenizer", None)
+        encoder = getattr(pipeline, "text_encoder", None)
+        if tokenizer is None or encoder is None:
+            raise TypeError(
+                f"{type(pipeline).__name__} has no T5 prompt encoder (tokenizer/text_encoder); "
+                "pass concept_embeds=[...] to encode concepts yourself"
+            )
+        length = max_sequence_length or _call_default(pipeline, "max_sequence_length") or 226
+        return encode_with_t5(tokenizer, encoder, concepts, int(length))
+
+    def _rows(self, session: "ConceptAttention", dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        rows = self._concept_rows
+        if rows is None or rows.dtype != dtype or rows.device != device:
+            embeds = torch.cat([e.to(device=device, dtype=dtype) for e in session.concept_embeds], dim=0)
+            rows = self.transformer.patch_embed.text_proj(embeds)
+            self._concept_rows = rows
+        return rows
+
+    # ------------------------------------------------------------------ calls
+    def is_conditional_call(self, bound: inspect.BoundArguments, context_name: str | None) -> bool:
+        """Batched ``"cond_uncond"`` calls are conditional (maps from their second half)."""
+        self._context_name = context_name
+        if context_name is None:
+            return True
+        name = context_name.lower()
+        return "uncond" not in name or "cond_uncond" in name
+
+    def _is_batched_cfg(self, hidden: torch.Tensor, text: torch.Tensor | None) -> bool:
+        if self.batched_cfg is not None:
+            if self.batched_cfg and hidden.shape[0] % 2:
+                raise ValueError(f"batched_cfg=True needs an even batch, got {hidden.shape[0]}")
+            return bool(self.batched_cfg)
+        batch = hidden.shape[0]
+        if batch % 2 or text is None:
+            return False
+        half = batch // 2
+        return bool(torch.equal(hidden[:half], hidden[half:])) and not bool(torch.equal(text[:half], text[half:]))
+
+    def begin_call(self, bound: inspect.BoundArguments, call: "CallState") -> None:
+        arguments = bound.arguments
+        hidden = arguments.get("hidden_states")
+        text = arguments.get("encoder_hidden_states")
+        if hidden is None or hidden.dim() != 5:
+            raise ValueError("CogVideoXTransformer3DModel was called without 5-D hidden_states (B, F, C, H, W)")
+        config = self.transformer.config
+        batch, frames, _, height, width = hidden.shape
+        p, p_t = int(config.patch_size), config.patch_size_t
+        grid = (frames if p_t is None else math.ceil(frames / int(p_t)), height // p, width // p)
+        call.batch_size = batch
+        call.grid = grid
+        call.num_map_tokens = grid[0] * grid[1] * grid[2]
+        if self._is_batched_cfg(hidden, text):
+            call.map_rows = slice(batch // 2, batch)
+        timestep = arguments.get("timestep")
+        if isinstance(timestep, torch.Tensor) and timestep.numel() > 0:
+            call.timestep = float(timestep.flatten()[-1])
+        elif isinstance(timestep, (int, float)):
+            call.timestep = float(timestep)
+        session = self._session
+        assert session is not None
+        rows = self._rows(session, hidden.dtype, hidden.device)
+        call.concepts = rows.unsqueeze(0).expand(batch, -1, -1)
+
+    def _on_block(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        session = self._session
+        call = session.current_call if session is not None else None
+        if call is not None:
+            call.extras["temb"] = kwargs["temb"] if "temb" in kwargs else args[2]
+
+    # ------------------------------------------------------------------ install
+    def install(self, session: "ConceptAttention", blocks: Sequence[int]) -> None:
+        self._session = session
+        self._concept_rows = None
+        known = _known_processor_classes()
+        all_blocks = self.dual_blocks
+        for index in blocks:
+            processor = all_blocks[index].attn1.processor
+            if type(processor) not in known:
+                raise TypeError(
+                    f"transformer_blocks.{index}.attn1 uses {type(processor).__name__}, which the CogVideoX "
+                    f"adapter does not know (expected {', '.join(c.__name__ for c in known)}); remove custom "
+                    "processors before using ConceptAttention"
+                )
+        for index in blocks:
+            block = all_blocks[index]
+            attn = block.attn1
+            original = attn.processor
+            wrapper = CogVideoXConceptProcessor(original, block, index, session)
+            wrapper.hook(attn)
+            attn.processor = wrapper  # set_processor would log; direct assignment keeps it silent
+            handle = block.register_forward_pre_hook(self._on_block, with_kwargs=True)
+
+            def undo(
+                attn: nn.Module = attn, original: Any = original, wrapper: CogVideoXConceptProcessor = wrapper,
+                handle: Any = handle,
+            ) -> None:
+                handle.remove()
+                wrapper.unhook()
+                attn.processor = original
+
+            self.on_undo(undo)
+        self.on_undo(self._forget_session)
+
+    def _forget_session(self) -> None:
+        self._session = None
+        self._concept_rows = None
+        self._context_name = None

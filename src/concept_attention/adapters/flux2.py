@@ -1,0 +1,417 @@
+"""FLUX.2 adapter (``Flux2Transformer2DModel``: FLUX.2 dev and the Klein variants).
+
+Per dual block the concept rows are updated with the block's *text* weights: ``norm1_context``
+(plain LayerNorm) with the model's global text modulation (``double_stream_modulation_txt``,
+split into shift/scale/gate for attention and feed-forward), ``add_q/k/v_proj``,
+``norm_added_q/k``, RoPE, ``to_add_out``, ``norm2_context`` and the SwiGLU ``ff_context``.
+Concept queries attend to ``[image keys; concept keys]``.
+
+Maps come from the dual-stream blocks only (8 in the released checkpoints; the single-stream
+blocks have no separate text weights). Default: the deeper half of the dual blocks (4–7).
+
+**Concept positions (RoPE).** FLUX.2 text tokens are rotated along the 4th RoPE axis with
+``l = 0, 1, 2, ...`` (their index in the padded, chat-templated encoder sequence), so a concept
+row needs a position. :attr:`Flux2Adapter.concept_positions` chooses it:
+
+- ``"own"`` (default): each concept token keeps the position it has when the concept is encoded
+  alone through the pipeline's chat template (its index inside that template). With
+  ``concept_embeds`` given by the user (positions unknown), a concept's tokens get ``0..n-1``.
+- ``"zero"``: every concept row at ``l = 0`` (RoPE is then the identity for concepts).
+- an ``int``: every concept row at that position.
+
+Set it before entering the session: ``ca = ConceptAttention(pipe, concepts);
+ca.adapter.concept_positions = "zero"; with ca: ...``.
+
+**Concept encoding.** Concepts go through the pipeline's own ``encode_prompt`` (chat template +
+stacked hidden states of several encoder layers). The concept's token span inside the template is
+found by comparing its token ids with those of the empty prompt (common prefix and suffix are
+template). The token ids are read from the text encoder's input with a pre-hook, so the
+pipeline's tokenisation is never re-implemented.
+
+**Modulation.** FLUX.2 has no pooled text vector: the modulation depends on timestep (and
+guidance) only, so ``concept_modulation="zero"`` and ``"prompt"`` are the same here.
+
+**Not supported (refused with an error):** Klein's KV-cache mode (``kv_cache_mode=...``, used by
+``Flux2KleinKVPipeline`` with reference images). Reference images in the ordinary pipelines are
+supported: concepts attend to their tokens too, but maps cover only the generated image.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import TYPE_CHECKING, Any, Sequence
+
+import torch
+from torch import nn
+
+from ..core.scoring import BlockActivations, concept_attention
+from .base import ModelAdapter, register_adapter
+from .flux import _call_default, _Capture
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..core.session import CallState, ConceptAttention
+
+CONCEPT_POSITION_POLICIES = ("own", "zero")
+
+
+def _known_processor_classes() -> tuple[type, ...]:
+    from diffusers.models.transformers import transformer_flux2
+
+    names = ("Flux2AttnProcessor", "Flux2KVAttnProcessor")
+    return tuple(getattr(transformer_flux2, n) for n in names if hasattr(transformer_flux2, n))
+
+
+class Flux2ConceptProcessor:
+    """Wraps a dual block's original FLUX.2 processor and runs the concept stream beside it.
+
+    Returns exactly what the original processor returns; all concept state lives on the session.
+    """
+
+    def __init__(self, inner: Any, block: nn.Module, block_index: int, session: "ConceptAttention") -> None:
+        self.inner = inner
+        self.block = block
+        self.block_index = block_index
+        self.session = session
+        self.capture = _Capture()
+        self._qkv_hooked: nn.Module | None = None
+        self._handles: list[Any] = []
+
+    # diffusers filters attention kwargs by this signature: keep it identical to Flux2AttnProcessor.
+    def __call__(
+        self,
+        attn: nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: Any = None,
+    ) -> Any:
+        return self._run(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, {})
+
+    def _run(
+        self,
+        attn: nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        image_rotary_emb: Any,
+        extra: dict[str, Any],
+    ) -> Any:
+        call = self.session.current_call
+        if call is None or encoder_hidden_states is None or call.concepts is None:
+            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, **extra)
+        self._hook_fused_projection(attn)
+        self.capture.enabled = True
+        try:
+            outputs = self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, **extra)
+        finally:
+            self.capture.enabled = False
+        try:
+            with torch.no_grad():
+                self._concept_step(attn, call, encoder_hidden_states.shape[1], image_rotary_emb)
+        finally:
+            self.capture.clear()
+        return outputs
+
+    def hook(self, attn: nn.Module) -> None:
+        self._handles += [
+            attn.norm_k.register_forward_hook(self.capture.on_norm_k),
+            attn.to_v.register_forward_hook(self.capture.on_to_v),
+            attn.to_out[0].register_forward_pre_hook(self.capture.on_to_out),
+        ]
+
+    def unhook(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._qkv_hooked = None
+
+    def _hook_fused_projection(self, attn: nn.Module) -> None:
+        fused = getattr(attn, "to_qkv", None) if getattr(attn, "fused_projections", False) else None
+        if fused is not None and fused is not self._qkv_hooked:
+            self._handles.append(fused.register_forward_hook(self.capture.on_to_qkv))
+            self._qkv_hooked = fused
+
+    def _concept_step(self, attn: nn.Module, call: "CallState", text_len: int, rotary: Any) -> None:
+        from diffusers.models.embeddings import apply_rotary_emb
+        from diffusers.models.transformers.transformer_flux2 import Flux2Modulation
+
+        capture, block, session = self.capture, self.block, self.session
+        if capture.image_key is None or capture.image_value is None or capture.image_output is None:
+            raise RuntimeError(
+                "the FLUX.2 attention processor did not expose image keys/values/outputs as expected; "
+                "this diffusers version is not supported by the FLUX.2 adapter"
+            )
+        head_dim = attn.head_dim
+        image_key = capture.image_key
+        if rotary is not None:
+            cos, sin = rotary
+            image_key = apply_rotary_emb(image_key, (cos[text_len:], sin[text_len:]), sequence_dim=1)
+        image_value = capture.image_value.unflatten(-1, (-1, head_dim))
+        image_output = capture.image_output.unflatten(-1, (-1, head_dim))
+
+        concepts = call.concepts
+        (shift_msa, scale_msa, gate_msa), (shift_mlp, scale_mlp, gate_mlp) = Flux2Modulation.split(
+            call.extras["text_modulation"], 2
+        )
+        normed = (1 + scale_msa) * block.norm1_context(concepts) + shift_msa
+        query = attn.norm_added_q(attn.add_q_proj(normed).unflatten(-1, (-1, head_dim)))
+        key = attn.norm_added_k(attn.add_k_proj(normed).unflatten(-1, (-1, head_dim)))
+        value = attn.add_v_proj(normed).unflatten(-1, (-1, head_dim))
+        concept_rotary = call.extras.get("concept_rotary")
+        if rotary is not None and concept_rotary is not None:
+            query = apply_rotary_emb(query, concept_rotary, sequence_dim=1)
+            key = apply_rotary_emb(key, concept_rotary, sequence_dim=1)
+        concept_output = concept_attention(
+            query,
+            key,
+            value,
+            image_key,
+            image_value,
+            cross_attention=session.concept_cross_attention,
+            self_attention=session.concept_self_attention,
+        )
+        session.record(
+            self.block_index,
+            BlockActivations(
+                concept_query=query,
+                concept_key=key,
+                concept_value=value,
+                image_key=image_key,
+                image_value=image_value,
+                image_output=image_output,
+                concept_output=concept_output,
+            ),
+        )
+        # Residual update of the concept rows with the block's text-stream weights.
+        attended = attn.to_add_out(concept_output.flatten(2).to(concepts.dtype))
+        concepts = concepts + gate_msa * attended
+        normed = block.norm2_context(concepts) * (1 + scale_mlp) + shift_mlp
+        concepts = concepts + gate_mlp * block.ff_context(normed)
+        if concepts.dtype == torch.float16:
+            concepts = concepts.clip(-65504, 65504)
+        call.concepts = concepts
+
+
+class Flux2KVConceptProcessor(Flux2ConceptProcessor):
+    """The same wrapper for ``Flux2KVAttnProcessor`` (Klein KV pipelines), keeping its signature."""
+
+    def __call__(  # type: ignore[override]
+        self,
+        attn: nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: Any = None,
+        kv_cache: Any = None,
+        kv_cache_mode: str | None = None,
+        num_ref_tokens: int = 0,
+    ) -> Any:
+        extra = {"kv_cache": kv_cache, "kv_cache_mode": kv_cache_mode, "num_ref_tokens": num_ref_tokens}
+        if kv_cache_mode is not None and self.session.current_call is not None:
+            raise NotImplementedError(_KV_REFUSAL)
+        return self._run(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, extra)
+
+
+_KV_REFUSAL = (
+    "ConceptAttention does not support FLUX.2 Klein's KV-cache mode (kv_cache_mode='extract'/'cached', "
+    "used by Flux2KleinKVPipeline with reference images); use Flux2KleinPipeline, which passes reference "
+    "image tokens in the sequence"
+)
+
+
+@register_adapter
+class Flux2Adapter(ModelAdapter):
+    """FLUX.2 dev / Klein (``Flux2Transformer2DModel``)."""
+
+    family = "flux2"
+    transformer_class_names = ("Flux2Transformer2DModel",)
+
+    concept_positions: str | int = "own"
+    """RoPE text position of concept rows: ``"own"`` (default), ``"zero"`` or an int (module docstring)."""
+
+    def __init__(self, transformer: nn.Module, concept_positions: str | int | None = None) -> None:
+        super().__init__(transformer)
+        if concept_positions is not None:
+            self.concept_positions = concept_positions
+        self._concept_rows: torch.Tensor | None = None
+        self._encoded_positions: list[torch.Tensor] | None = None
+        self._session: "ConceptAttention | None" = None
+
+    @property
+    def dual_blocks(self) -> Sequence[nn.Module]:
+        return self.transformer.transformer_blocks
+
+    @property
+    def concept_embed_dim(self) -> int:
+        return int(self.transformer.config.joint_attention_dim)
+
+    # ------------------------------------------------------------------ concepts
+    def encode_concepts(
+        self, pipeline: Any, concepts: Sequence[str], max_sequence_length: int | None
+    ) -> list[torch.Tensor]:
+        encoder = getattr(pipeline, "text_encoder", None)
+        if encoder is None or not hasattr(pipeline, "encode_prompt"):
+            raise TypeError(
+                f"{type(pipeline).__name__} has no FLUX.2 prompt encoder (text_encoder/encode_prompt); "
+                "pass concept_embeds=[...] to encode concepts yourself"
+            )
+        length = int(max_sequence_length or _call_default(pipeline, "max_sequence_length") or 512)
+        calls: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+
+        def grab(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            calls.append((ids, kwargs.get("attention_mask")))
+
+        handle = encoder.register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                embeds, _ = pipeline.encode_prompt(
+                    prompt=[*concepts, ""], device=pipeline._execution_device, max_sequence_length=length
+                )
+        finally:
+            handle.remove()
+        if not calls or any(ids is None for ids, _ in calls):
+            raise RuntimeError("could not read the token ids the FLUX.2 pipeline fed to its text encoder")
+        ids = torch.cat([c[0].cpu() for c in calls])
+        masks = [c[1].cpu() if c[1] is not None else torch.ones_like(c[0].cpu()) for c in calls]
+        mask = torch.cat(masks).bool()
+        if ids.shape[0] != len(concepts) + 1 or ids.shape[1] != embeds.shape[1]:
+            raise RuntimeError("the FLUX.2 text encoder saw an unexpected batch; cannot locate concept tokens")
+        reference = ids[-1][mask[-1]].tolist()
+        result, positions = [], []
+        for i, name in enumerate(concepts):
+            span = concept_token_span(ids[i], mask[i], reference)
+            if span.numel() == 0:
+                raise ValueError(f"concept {name!r} has no tokens of its own inside the prompt template")
+            result.append(embeds[i, span].float().cpu())
+            positions.append(span)
+        self._encoded_positions = positions
+        return result
+
+    def _positions(self, sizes: Sequence[int]) -> torch.Tensor:
+        """Text positions (the RoPE ``l`` coordinate) of every concept row, concatenated."""
+        policy = self.concept_positions
+        total = int(sum(sizes))
+        if isinstance(policy, bool) or not isinstance(policy, (str, int)):
+            raise TypeError(f"concept_positions must be 'own', 'zero' or an int, not {policy!r}")
+        if isinstance(policy, int):
+            if policy < 0:
+                raise ValueError(f"concept_positions must be non-negative, got {policy}")
+            return torch.full((total,), policy, dtype=torch.long)
+        if policy == "zero":
+            return torch.zeros(total, dtype=torch.long)
+        if policy != "own":
+            raise ValueError(f"concept_positions must be one of {CONCEPT_POSITION_POLICIES} or an int, not {policy!r}")
+        known = self._encoded_positions
+        if known is not None and [int(p.numel()) for p in known] == list(sizes):
+            return torch.cat(known).long()
+        return torch.cat([torch.arange(int(n)) for n in sizes])
+
+    def _rows(self, session: "ConceptAttention", dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        rows = self._concept_rows
+        if rows is None or rows.dtype != dtype or rows.device != device:
+            embeds = torch.cat([e.to(device=device, dtype=dtype) for e in session.concept_embeds], dim=0)
+            rows = self.transformer.context_embedder(embeds)
+            self._concept_rows = rows
+        return rows
+
+    # ------------------------------------------------------------------ calls
+    def begin_call(self, bound: inspect.BoundArguments, call: "CallState") -> None:
+        arguments = bound.arguments
+        if arguments.get("kv_cache_mode") is not None or arguments.get("kv_cache") is not None:
+            raise NotImplementedError(_KV_REFUSAL)
+        hidden = arguments.get("hidden_states")
+        img_ids = arguments.get("img_ids")
+        if hidden is None or img_ids is None:
+            raise ValueError("Flux2Transformer2DModel was called without hidden_states or img_ids")
+        ids = img_ids[0] if img_ids.dim() == 3 else img_ids
+        generated = ids[:, 0] == ids[0, 0]
+        count = int(generated.sum()) if bool(generated.all()) else int(generated.int().argmin())
+        rows = ids[:count, 1].long()
+        cols = ids[:count, 2].long()
+        height = int(rows.max() - rows.min()) + 1
+        width = int(cols.max() - cols.min()) + 1
+        if height * width != count:
+            raise ValueError(f"cannot read an image grid from img_ids: {count} tokens, rows×cols = {height}×{width}")
+        call.batch_size = hidden.shape[0]
+        call.grid = (height, width)
+        call.num_map_tokens = count
+        timestep = arguments.get("timestep")
+        if isinstance(timestep, torch.Tensor) and timestep.numel() > 0:
+            call.timestep = float(timestep.flatten()[0])
+        elif isinstance(timestep, (int, float)):
+            call.timestep = float(timestep)
+        session = self._session
+        assert session is not None
+        rows_embedded = self._rows(session, hidden.dtype, hidden.device)
+        call.concepts = rows_embedded.unsqueeze(0).expand(call.batch_size, -1, -1)
+        positions = self._positions(session.groups.sizes).to(ids.device)
+        concept_ids = torch.zeros(positions.shape[0], ids.shape[-1], dtype=ids.dtype, device=ids.device)
+        concept_ids[:, -1] = positions.to(ids.dtype)
+        call.extras["concept_rotary"] = self.transformer.pos_embed(concept_ids)
+
+    def _on_text_modulation(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        session = self._session
+        call = session.current_call if session is not None else None
+        if call is not None:
+            call.extras["text_modulation"] = output
+
+    # ------------------------------------------------------------------ install
+    def install(self, session: "ConceptAttention", blocks: Sequence[int]) -> None:
+        from diffusers.models.transformers.transformer_flux2 import Flux2KVAttnProcessor
+
+        self._session = session
+        self._concept_rows = None
+        self._positions(session.groups.sizes)  # validate the policy before touching the model
+        known = _known_processor_classes()
+        all_blocks = self.dual_blocks
+        for index in blocks:
+            processor = all_blocks[index].attn.processor
+            if type(processor) not in known:
+                raise TypeError(
+                    f"transformer_blocks.{index}.attn uses {type(processor).__name__}, which the FLUX.2 adapter "
+                    f"does not know (expected {', '.join(c.__name__ for c in known)}); remove custom processors "
+                    "before using ConceptAttention"
+                )
+        for index in blocks:
+            block = all_blocks[index]
+            attn = block.attn
+            original = attn.processor
+            kind = Flux2KVConceptProcessor if isinstance(original, Flux2KVAttnProcessor) else Flux2ConceptProcessor
+            wrapper = kind(original, block, index, session)
+            wrapper.hook(attn)
+            attn.processor = wrapper  # set_processor would log; direct assignment keeps it silent
+
+            def undo(attn: nn.Module = attn, original: Any = original, wrapper: Flux2ConceptProcessor = wrapper) -> None:
+                wrapper.unhook()
+                attn.processor = original
+
+            self.on_undo(undo)
+        handle = self.transformer.double_stream_modulation_txt.register_forward_hook(self._on_text_modulation)
+        self.on_undo(handle.remove)
+        self.on_undo(self._forget_session)
+
+    def _forget_session(self) -> None:
+        self._session = None
+        self._concept_rows = None
+
+
+def concept_token_span(ids: torch.Tensor, mask: torch.Tensor, template: Sequence[int]) -> torch.Tensor:
+    """Absolute indices of a concept's own tokens in a chat-templated, padded sequence.
+
+    ``template`` is the unpadded token list of the empty prompt in the same template: the longest
+    common prefix and suffix with it are template tokens, what lies between is the concept.
+    """
+    positions = torch.nonzero(mask, as_tuple=False).flatten()
+    tokens = ids[positions].tolist()
+    prefix = 0
+    limit = min(len(tokens), len(template))
+    while prefix < limit and tokens[prefix] == template[prefix]:
+        prefix += 1
+    suffix = 0
+    while (
+        suffix < limit - prefix
+        and tokens[len(tokens) - 1 - suffix] == template[len(template) - 1 - suffix]
+    ):
+        suffix += 1
+    return positions[prefix : len(tokens) - suffix]

@@ -1,0 +1,222 @@
+"""CogVideoX adapter on tiny random-config models: exactness (RoPE, CFG), mask oracle, video grid, memory."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+import tiny_video_flux2 as tv
+from concept_attention import ConceptAttention
+
+CONCEPTS = ["dog", "tree", "sky"]
+
+
+@pytest.fixture(scope="module")
+def cog():
+    pipe = tv.cogvideox_pipeline(rope=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# ---------------------------------------------------------------- helpers
+def transformer_inputs(transformer, batch=2, frames=3, height=4, width=6, seed=0, rope=False):
+    g = torch.Generator().manual_seed(seed)
+    cfg = transformer.config
+    inputs = {
+        "hidden_states": torch.randn(batch, frames, cfg.in_channels, height, width, generator=g),
+        "encoder_hidden_states": torch.randn(batch, cfg.max_text_seq_length, cfg.text_embed_dim, generator=g),
+        "timestep": torch.full((batch,), 700, dtype=torch.long),
+    }
+    if rope:
+        inputs["image_rotary_emb"] = tv.cogvideox_rotary(transformer, frames, height, width)
+    return inputs
+
+
+def concept_embeds(transformer, sizes=(1, 2, 1), seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, transformer.config.text_embed_dim, generator=g) for n in sizes]
+
+
+def oracle_maps(transformer, inputs, embeds, layers, softmax=True, space="output", rows_used=None):
+    """Concept rows appended to the text, isolated by an attention mask (text keeps its own modulation).
+
+    For models with the joint sin-cos position table the table's text length is widened to match
+    (its text rows are zeros, so the prompt and video are unaffected).
+    """
+    text = inputs["encoder_hidden_states"].shape[1]
+    rows = sum(e.shape[0] for e in embeds)
+    batch = inputs["hidden_states"].shape[0]
+    video = inputs["hidden_states"][0].numel() // inputs["hidden_states"].shape[2]
+    video //= transformer.config.patch_size ** 2
+    total = text + rows + video
+    allowed = torch.ones(total, total, dtype=torch.bool)
+    concept = slice(text, text + rows)
+    allowed[:, concept] = False
+    allowed[concept, concept] = True
+    allowed[concept, :text] = False
+    oracle_inputs = dict(inputs)
+    appended = torch.cat(embeds).expand(batch, -1, -1)
+    oracle_inputs["encoder_hidden_states"] = torch.cat([inputs["encoder_hidden_states"], appended], dim=1)
+    captured, handles = {}, []
+    for index, block in enumerate(transformer.transformer_blocks):
+        attn = block.attn1
+        handles.append(attn.to_out[0].register_forward_pre_hook(
+            lambda m, a, i=index: captured.update({("x", i): a[0][:, text + rows:], ("c", i): a[0][:, concept]})))
+        handles.append(attn.to_v.register_forward_hook(
+            lambda m, a, o, i=index: captured.update({("vx", i): o[:, text + rows:], ("vc", i): o[:, concept]})))
+    embed = transformer.patch_embed
+    saved = embed.max_text_seq_length
+    embed.max_text_seq_length = text + rows
+    try:
+        with torch.no_grad():
+            transformer(**oracle_inputs, attention_kwargs={"attention_mask": allowed.expand(batch, -1, -1)})
+    finally:
+        embed.max_text_seq_length = saved
+        for h in handles:
+            h.remove()
+    per_layer = []
+    for layer in layers:
+        x, c = (captured[("x", layer)], captured[("c", layer)]) if space == "output" else (
+            captured[("vx", layer)], captured[("vc", layer)])
+        scores = torch.einsum("bnd,brd->bnr", x.double(), c.double())
+        columns, start = [], 0
+        for e in embeds:
+            columns.append(scores[:, :, start:start + e.shape[0]].mean(dim=-1))
+            start += e.shape[0]
+        grouped = torch.stack(columns, dim=-1)
+        per_layer.append(grouped.softmax(dim=-1) if softmax else grouped)
+    result = torch.stack(per_layer).mean(0)
+    return result if rows_used is None else result[rows_used]
+
+
+def as_tokens(maps):
+    b, c = maps.tensor.shape[:2]
+    return maps.tensor.reshape(b, c, -1).permute(0, 2, 1)
+
+
+# ---------------------------------------------------------------- 1. exactness
+@pytest.mark.parametrize("rope", [False, True])
+def test_bare_transformer_is_bit_identical_with_and_without_rope(rope):
+    transformer = tv.cogvideox_transformer(seed=1, rope=rope)
+    inputs = transformer_inputs(transformer, rope=rope)
+    with torch.no_grad():
+        plain = transformer(**inputs).sample
+        with ConceptAttention(transformer, ["a", "b", "c"], concept_embeds=concept_embeds(transformer)) as ca:
+            watched = transformer(**inputs).sample
+    assert torch.equal(plain, watched)
+    assert ca.maps.tensor.shape == (2, 3, 3, 2, 3)
+
+
+def test_pipeline_with_cfg_is_bit_identical_and_maps_are_video_shaped(cog):
+    plain = tv.cogvideox_generate(cog, guidance_scale=6.0)
+    with ConceptAttention(cog, CONCEPTS) as ca:
+        watched = tv.cogvideox_generate(cog, guidance_scale=6.0)
+    assert torch.equal(plain, watched)
+    maps = ca.maps
+    # 9 frames -> 3 latent frames; 16x24 pixels -> 4x6 latents -> 2x3 patches (non-square)
+    assert maps.tensor.shape == (1, 3, 3, 2, 3)
+    assert maps.grid == (3, 2, 3)
+    assert maps.steps == [0, 1] and maps.layers == [2, 3]
+    assert torch.allclose(maps.tensor.sum(1), torch.ones(1, 3, 2, 3), atol=1e-5)
+    assert maps.meta["family"] == "cogvideox"
+
+
+def test_cogvideox_15_temporal_patching_grid():
+    transformer = tv.cogvideox_transformer(seed=2, rope=True, patch_size_t=2)
+    inputs = transformer_inputs(transformer, batch=1, frames=4, rope=True)
+    with torch.no_grad():
+        plain = transformer(**inputs).sample
+        with ConceptAttention(transformer, ["a", "b", "c"], concept_embeds=concept_embeds(transformer)) as ca:
+            watched = transformer(**inputs).sample
+    assert torch.equal(plain, watched)
+    assert ca.maps.tensor.shape == (1, 3, 2, 2, 3)
+
+
+# ---------------------------------------------------------------- 2. oracle
+@pytest.mark.parametrize("rope,softmax", [(False, True), (True, False)])
+def test_maps_match_mask_oracle(rope, softmax):
+    transformer = tv.cogvideox_transformer(seed=3, rope=rope)
+    inputs = transformer_inputs(transformer, seed=4, rope=rope)
+    embeds = concept_embeds(transformer, sizes=(1, 3, 2))
+    layers = [1, 3]
+    with torch.no_grad(), ConceptAttention(
+        transformer, ["a", "b", "c"], concept_embeds=embeds, layers=layers, softmax=softmax,
+        space=["output", "value"],
+    ) as ca:
+        transformer(**inputs)
+    for space in ("output", "value"):
+        expected = oracle_maps(transformer, inputs, embeds, layers, softmax=softmax, space=space)
+        got = as_tokens(ca.maps_for(space)).double()
+        assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5), (space, (got - expected).abs().max())
+
+
+def test_batched_cfg_maps_come_from_the_conditional_half(cog):
+    calls = []
+    handle = cog.transformer.register_forward_pre_hook(
+        lambda m, a, kw: calls.append(dict(kw)) if not calls else None, with_kwargs=True)
+    try:
+        with ConceptAttention(cog, CONCEPTS, timesteps=[0]) as guided:
+            tv.cogvideox_generate(cog, guidance_scale=6.0)
+    finally:
+        handle.remove()
+    first = calls[0]
+    assert first["hidden_states"].shape[0] == 2
+    assert guided.maps.tensor.shape[0] == 1
+    cond = {k: (v[1:] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == 2 else v)
+            for k, v in first.items()}
+    with torch.no_grad(), ConceptAttention(cog.transformer, CONCEPTS, concept_embeds=guided.concept_embeds) as alone:
+        cog.transformer(**cond)
+    assert torch.allclose(guided.maps.tensor, alone.maps.tensor, atol=1e-6)
+    # the unconditional half (negative prompt) does not leak into the maps
+    with ConceptAttention(cog, CONCEPTS, timesteps=[0]) as other_negative:
+        tv.cogvideox_generate(cog, guidance_scale=6.0, negative_prompt="grass and sky")
+    assert torch.allclose(other_negative.maps.tensor, guided.maps.tensor, atol=1e-6)
+    # and the oracle agrees on the conditional rows of a batched call
+    transformer = cog.transformer
+    ca = ConceptAttention(transformer, ["a", "b", "c"], concept_embeds=concept_embeds(transformer))
+    ca.adapter.batched_cfg = True
+    inputs = transformer_inputs(transformer, rope=True, seed=9)
+    with torch.no_grad(), ca:
+        transformer(**inputs)
+    expected = oracle_maps(transformer, inputs, concept_embeds(transformer), ca.layers, rows_used=slice(1, 2))
+    assert torch.allclose(as_tokens(ca.maps).double(), expected, atol=1e-5)
+
+
+def test_no_cfg_keeps_every_row(cog):
+    with ConceptAttention(cog, CONCEPTS) as ca:
+        tv.cogvideox_generate(cog, ["a dog", "a cat on grass"], guidance_scale=1.0)
+    assert ca.maps.tensor.shape[0] == 2
+
+
+# ---------------------------------------------------------------- 3. memory: running sums only
+def peak_extra_bytes(pipe, steps, concepts, frames=9):
+    def peak(with_maps):
+        gc.collect()
+        with tv.LiveTensorBytes() as meter:
+            if with_maps:
+                with ConceptAttention(pipe, concepts, concept_embeds=embeds) as ca:
+                    tv.cogvideox_generate(pipe, num_inference_steps=steps, num_frames=frames)
+                maps = ca.maps  # noqa: F841  (results kept, as a user would)
+            else:
+                tv.cogvideox_generate(pipe, num_inference_steps=steps, num_frames=frames)
+        return meter.peak
+
+    width = pipe.transformer.config.text_embed_dim
+    embeds = [torch.randn(1, width) for _ in concepts]
+    return peak(True) - peak(False)
+
+
+def test_peak_extra_memory_does_not_grow_with_steps(cog):
+    two = peak_extra_bytes(cog, 2, CONCEPTS)
+    eight = peak_extra_bytes(cog, 8, CONCEPTS)
+    assert two > 0
+    assert abs(eight - two) <= 0.05 * two, (two, eight)
+    # what keeping per-step video vectors would cost: (steps x layers x 2 x tokens x width) float32
+    config = cog.transformer.config
+    width = config.num_attention_heads * config.attention_head_dim
+    vectors = 8 * 2 * 2 * 18 * width * 4
+    assert eight < vectors
+    # more concepts and more video tokens do cost more
+    assert peak_extra_bytes(cog, 2, CONCEPTS + ["grass", "car", "house"], frames=13) > two

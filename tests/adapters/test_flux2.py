@@ -1,0 +1,249 @@
+"""FLUX.2 adapter on tiny random-config models: exactness, mask oracle, RoPE policy, template span, refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import Flux2Pipeline
+
+import tiny_video_flux2 as tv
+from concept_attention import ConceptAttention
+from concept_attention.adapters.flux2 import Flux2Adapter, concept_token_span
+
+CONCEPTS = ["dog", "tree", "sky"]
+
+
+@pytest.fixture(scope="module")
+def klein():
+    pipe = tv.flux2_klein_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# ---------------------------------------------------------------- helpers
+def transformer_inputs(transformer, batch=2, height=4, width=6, text=5, seed=0, references=0):
+    g = torch.Generator().manual_seed(seed)
+    cfg = transformer.config
+    latents = torch.zeros(batch, cfg.in_channels, height, width)
+    img_ids = Flux2Pipeline._prepare_latent_ids(latents)
+    tokens = height * width
+    if references:  # reference-image tokens after the generated ones (t = 10), as Flux2Pipeline does
+        ref_ids = Flux2Pipeline._prepare_image_ids([torch.zeros(1, cfg.in_channels, 2, references // 2)])
+        img_ids = torch.cat([img_ids, ref_ids.expand(batch, -1, -1)], dim=1)
+        tokens += references
+    encoder = torch.randn(batch, text, cfg.joint_attention_dim, generator=g)
+    inputs = {
+        "hidden_states": torch.randn(batch, tokens, cfg.in_channels, generator=g),
+        "encoder_hidden_states": encoder,
+        "timestep": torch.full((batch,), 0.6),
+        "img_ids": img_ids,
+        "txt_ids": Flux2Pipeline._prepare_text_ids(encoder),
+    }
+    if cfg.guidance_embeds:
+        inputs["guidance"] = torch.full((batch,), 3.5)
+    return inputs
+
+
+def concept_embeds(transformer, sizes=(1, 2, 1), seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, transformer.config.joint_attention_dim, generator=g) for n in sizes]
+
+
+def oracle_maps(transformer, inputs, embeds, layers, positions, num_map_tokens, softmax=True, space="output"):
+    """Mask formulation: concept rows appended to the text stream at ``positions``, isolated by a mask."""
+    text = inputs["encoder_hidden_states"].shape[1]
+    rows = sum(e.shape[0] for e in embeds)
+    image = inputs["hidden_states"].shape[1]
+    total = text + rows + image
+    allowed = torch.ones(total, total, dtype=torch.bool)
+    concept = slice(text, text + rows)
+    allowed[:, concept] = False
+    allowed[concept, concept] = True
+    allowed[concept, :text] = False
+    batch = inputs["hidden_states"].shape[0]
+    appended = torch.cat(embeds, dim=0).expand(batch, -1, -1)
+    oracle_inputs = dict(inputs)
+    oracle_inputs["encoder_hidden_states"] = torch.cat([inputs["encoder_hidden_states"], appended], dim=1)
+    concept_ids = torch.zeros(batch, rows, 4, dtype=inputs["txt_ids"].dtype)
+    concept_ids[..., 3] = torch.as_tensor(positions, dtype=concept_ids.dtype)
+    oracle_inputs["txt_ids"] = torch.cat([inputs["txt_ids"], concept_ids], dim=1)
+    captured, handles = {}, []
+    for index, block in enumerate(transformer.transformer_blocks):
+        attn = block.attn
+        handles.append(attn.to_out[0].register_forward_pre_hook(
+            lambda m, a, i=index: captured.__setitem__(("x", i), a[0][:, :num_map_tokens])))
+        handles.append(attn.to_add_out.register_forward_pre_hook(
+            lambda m, a, i=index: captured.__setitem__(("c", i), a[0][:, text:])))
+        handles.append(attn.to_v.register_forward_hook(
+            lambda m, a, o, i=index: captured.__setitem__(("vx", i), o[:, :num_map_tokens])))
+        handles.append(attn.add_v_proj.register_forward_hook(
+            lambda m, a, o, i=index: captured.__setitem__(("vc", i), o[:, text:])))
+    try:
+        with torch.no_grad():
+            transformer(**oracle_inputs, joint_attention_kwargs={"attention_mask": allowed})
+    finally:
+        for h in handles:
+            h.remove()
+    per_layer = []
+    for layer in layers:
+        x, c = (captured[("x", layer)], captured[("c", layer)]) if space == "output" else (
+            captured[("vx", layer)], captured[("vc", layer)])
+        scores = torch.einsum("bnd,brd->bnr", x.double(), c.double())
+        columns, start = [], 0
+        for e in embeds:
+            columns.append(scores[:, :, start:start + e.shape[0]].mean(dim=-1))
+            start += e.shape[0]
+        grouped = torch.stack(columns, dim=-1)
+        per_layer.append(grouped.softmax(dim=-1) if softmax else grouped)
+    return torch.stack(per_layer).mean(0)
+
+
+def as_tokens(maps):
+    b, c = maps.tensor.shape[:2]
+    return maps.tensor.reshape(b, c, -1).permute(0, 2, 1)
+
+
+# ---------------------------------------------------------------- 1. exactness
+def test_klein_pipeline_output_is_bit_identical(klein):
+    plain = tv.flux2_generate(klein, height=32, width=48)
+    with ConceptAttention(klein, CONCEPTS) as ca:
+        watched = tv.flux2_generate(klein, height=32, width=48)
+    assert torch.equal(plain, watched)
+    maps = ca.maps
+    assert maps.tensor.shape == (1, 3, 8, 12)
+    assert maps.layers == [2, 3] and maps.steps == [0, 1]
+    assert torch.allclose(maps.tensor.sum(1), torch.ones(1, 8, 12), atol=1e-5)
+    assert maps.meta["family"] == "flux2"
+
+
+@pytest.mark.parametrize("guidance", [False, True])
+def test_bare_transformer_with_4_axis_rope_is_bit_identical(guidance):
+    transformer = tv.flux2_transformer(seed=2, guidance=guidance)
+    inputs = transformer_inputs(transformer)
+    with torch.no_grad():
+        plain = transformer(**inputs).sample
+        with ConceptAttention(transformer, ["a", "b", "c"], concept_embeds=concept_embeds(transformer)) as ca:
+            watched = transformer(**inputs).sample
+    assert torch.equal(plain, watched)
+    assert ca.maps.tensor.shape == (2, 3, 4, 6)
+
+
+# ---------------------------------------------------------------- 2. oracle and RoPE policy
+@pytest.mark.parametrize("policy", ["own", "zero", 7])
+@pytest.mark.parametrize("softmax", [True, False])
+def test_maps_match_mask_oracle_for_each_position_policy(policy, softmax):
+    transformer = tv.flux2_transformer(seed=3)
+    inputs = transformer_inputs(transformer, seed=4)
+    embeds = concept_embeds(transformer, sizes=(1, 3, 2))
+    layers = [1, 3]
+    ca = ConceptAttention(transformer, ["a", "b", "c"], concept_embeds=embeds, layers=layers, softmax=softmax,
+                          space=["output", "value"])
+    ca.adapter.concept_positions = policy
+    with torch.no_grad(), ca:
+        transformer(**inputs)
+    positions = {"own": [0, 0, 1, 2, 0, 1], "zero": [0] * 6, 7: [7] * 6}[policy]
+    for space in ("output", "value"):
+        expected = oracle_maps(transformer, inputs, embeds, layers, positions, 24, softmax=softmax, space=space)
+        got = as_tokens(ca.maps_for(space)).double()
+        assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5), (space, (got - expected).abs().max())
+
+
+def test_position_policy_changes_maps_and_bad_policy_is_refused():
+    transformer = tv.flux2_transformer(seed=5)
+    inputs = transformer_inputs(transformer)
+    embeds = concept_embeds(transformer)
+    results = {}
+    for policy in ("zero", 40):
+        ca = ConceptAttention(transformer, ["a", "b", "c"], concept_embeds=embeds)
+        ca.adapter.concept_positions = policy
+        with torch.no_grad(), ca:
+            transformer(**inputs)
+        results[policy] = ca.maps.tensor
+    assert not torch.allclose(results["zero"], results[40], atol=1e-4)
+    ca = ConceptAttention(transformer, ["a"], concept_embeds=[torch.zeros(1, 48)])
+    ca.adapter.concept_positions = "middle"
+    with pytest.raises(ValueError, match="concept_positions"):
+        with ca:
+            pass
+    assert Flux2Adapter(transformer, concept_positions="zero").concept_positions == "zero"
+
+
+def test_reference_image_tokens_are_attended_but_not_mapped():
+    transformer = tv.flux2_transformer(seed=6)
+    inputs = transformer_inputs(transformer, references=8)
+    embeds = concept_embeds(transformer)
+    with torch.no_grad():
+        plain = transformer(**inputs).sample
+        with ConceptAttention(transformer, ["a", "b", "c"], concept_embeds=embeds, concept_modulation="prompt") as ca:
+            watched = transformer(**inputs).sample
+    assert torch.equal(plain, watched)
+    assert ca.maps.tensor.shape == (2, 3, 4, 6)
+    expected = oracle_maps(transformer, inputs, embeds, [2, 3], [0, 0, 1, 0], 24)
+    assert torch.allclose(as_tokens(ca.maps).double(), expected, atol=1e-5)
+
+
+# ---------------------------------------------------------------- 3. concepts through the chat template
+def test_concepts_use_the_template_path_and_their_own_span(klein):
+    ca = ConceptAttention(klein, ["dog", "traffic light", "sky"], max_sequence_length=32)
+    template_ids = klein.tokenizer(
+        klein.tokenizer.apply_chat_template([{"role": "user", "content": ""}], tokenize=False,
+                                            add_generation_prompt=True)
+    ).input_ids
+    prefix = template_ids.index(klein.tokenizer.convert_tokens_to_ids("<|im_end|>"))  # "<|im_start|>user\n"
+    positions = ca.adapter._encoded_positions
+    assert [p.tolist() for p in positions] == [[prefix], [prefix, prefix + 1], [prefix]]
+    assert ca.groups.sizes == (1, 2, 1)
+    full, _ = klein.encode_prompt(prompt="traffic light", device="cpu", max_sequence_length=32)
+    assert torch.allclose(ca.concept_embeds[1], full[0, prefix:prefix + 2].float())
+    assert ca.concept_embeds[0].shape == (1, klein.transformer.config.joint_attention_dim)
+
+
+def test_span_helper_handles_left_padding():
+    template = [5, 6, 9]
+    ids = torch.tensor([0, 0, 5, 6, 7, 8, 9])
+    mask = torch.tensor([0, 0, 1, 1, 1, 1, 1])
+    assert concept_token_span(ids, mask, template).tolist() == [4, 5]
+
+
+def test_sequential_cfg_reads_the_conditional_call():
+    pipe = tv.flux2_klein_pipeline(is_distilled=False)
+    pipe.set_progress_bar_config(disable=True)
+    with ConceptAttention(pipe, CONCEPTS, timesteps=[0]) as plain:
+        tv.flux2_generate(pipe)
+    with ConceptAttention(pipe, CONCEPTS, timesteps=[0]) as guided:
+        tv.flux2_generate(pipe, guidance_scale=4.0)
+    assert guided.maps.steps == [0]
+    assert torch.allclose(guided.maps.tensor, plain.maps.tensor, atol=1e-6)
+
+
+# ---------------------------------------------------------------- 4. refusals and restore
+def test_kv_cache_mode_is_refused_and_model_restored():
+    from diffusers.models.transformers.transformer_flux2 import Flux2KVAttnProcessor
+
+    transformer = tv.flux2_transformer(seed=8)
+    for block in transformer.transformer_blocks:
+        block.attn.set_processor(Flux2KVAttnProcessor())
+    inputs = transformer_inputs(transformer, batch=1, references=8)
+    before = {name: proc for name, proc in transformer.attn_processors.items()}
+    embeds = concept_embeds(transformer)
+    with torch.no_grad():
+        plain = transformer(**inputs).sample
+        with ConceptAttention(transformer, ["a", "b", "c"], concept_embeds=embeds) as ca:
+            watched = transformer(**inputs).sample  # KV processor without KV mode: supported
+        assert torch.equal(plain, watched) and ca.maps.tensor.shape == (1, 3, 4, 6)
+        with pytest.raises(NotImplementedError, match="KV-cache"):
+            with ConceptAttention(transformer, ["a", "b", "c"], concept_embeds=embeds):
+                transformer(**inputs, kv_cache_mode="extract", num_ref_tokens=8)
+    after = transformer.attn_processors
+    assert all(after[k] is before[k] for k in before)
+
+
+def test_unknown_processor_is_refused():
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+    transformer = tv.flux2_transformer()
+    transformer.transformer_blocks[3].attn.processor = FluxAttnProcessor()
+    with pytest.raises(TypeError, match=r"transformer_blocks\.3\.attn uses FluxAttnProcessor"):
+        with ConceptAttention(transformer, ["a"], concept_embeds=[torch.zeros(1, 48)]):
+            pass
+    assert type(transformer.transformer_blocks[2].attn.processor).__name__ == "Flux2AttnProcessor"
