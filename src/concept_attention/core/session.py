@@ -135,7 +135,8 @@ class ConceptAttention:
         concept_self_attention / concept_cross_attention: let concept queries see concept keys /
             image keys (paper Table 4 ablations).
         concept_modulation: ``"zero"`` (timestep embedding with a zero pooled-text vector, as the
-            authors' FLUX code does) or ``"prompt"`` (reuse the prompt's modulation).
+            authors' FLUX code does) or ``"prompt"`` (reuse the prompt's modulation); default: the
+            family's (FLUX.1: zero, SD3: prompt, as the authors' code for each).
         keep_vectors: also keep raw image/concept output vectors per (step, layer) on the CPU.
         max_sequence_length: token length used to encode concepts (default: the pipeline's).
     """
@@ -152,7 +153,7 @@ class ConceptAttention:
         softmax: bool = True,
         concept_self_attention: bool = True,
         concept_cross_attention: bool = True,
-        concept_modulation: str = "zero",
+        concept_modulation: str | None = None,
         keep_vectors: bool = False,
         max_sequence_length: int | None = None,
     ) -> None:
@@ -166,6 +167,8 @@ class ConceptAttention:
         self.max_sequence_length = max_sequence_length or defaults.get("max_sequence_length")
         self.selected_steps = _check_steps(timesteps)
         self.spaces = _check_spaces(space)
+        if concept_modulation is None:
+            concept_modulation = getattr(self.adapter, "default_concept_modulation", "zero")
         if concept_modulation not in CONCEPT_MODULATIONS:
             raise ValueError(f"concept_modulation must be 'zero' or 'prompt', not {concept_modulation!r}")
         self.concept_modulation = concept_modulation
