@@ -30,6 +30,9 @@ def generate(
 ) -> ConceptMaps:
     """Run the pipeline on ``prompt`` and return the maps of ``concepts`` with ``maps.image`` set.
 
+    For a video pipeline (output ``.frames``) ``maps.frames`` holds the first video's frames and
+    ``maps.save`` writes one heat-map video per concept.
+
     ``size`` is (width, height); ``steps`` defaults to the model's recommendation (or the
     pipeline's own default). With ``compare`` the raw cross-attention maps of the same run are
     kept in ``maps.others["cross_attention"]``. ``on_step(done, total)`` reports progress.
@@ -70,10 +73,18 @@ def generate(
         pipe, concepts, layers=layers, timesteps=timesteps, space=spaces,
         max_sequence_length=call.get("max_sequence_length"), **options,
     ) as session:
-        output = pipe(prompt, generator=generator, **call)
+        output = pipe(prompt=prompt, generator=generator, **call)
     maps = session.maps
-    image = to_rgb_image(output.images[0])
-    maps.image = image
+    video = getattr(output, "frames", None) if getattr(output, "images", None) is None else None
+    if video is not None:  # video pipelines (e.g. CogVideoX): keep the first video's frames
+        from .video import to_frames
+
+        maps.frames = to_frames(video[0])
+        image = maps.frames[0]
+        maps.meta["num_frames"] = len(maps.frames)
+    else:
+        image = to_rgb_image(output.images[0])
+        maps.image = image
     maps.meta.update(
         {
             "mode": "generate",

@@ -45,6 +45,8 @@ class ConceptMaps:
     """The image the maps belong to (generated or explained), used by ``save`` and ``figure``."""
     others: dict[str, "ConceptMaps"] = field(default_factory=dict, repr=False, compare=False)
     """Maps of the same run in other spaces (e.g. ``others["cross_attention"]``)."""
+    frames: list[Image.Image] | None = field(default=None, repr=False, compare=False)
+    """The video the maps belong to (video models), one RGB image per frame, used by ``save``."""
 
     def __post_init__(self) -> None:
         if self.tensor.dim() not in (4, 5):
@@ -104,6 +106,33 @@ class ConceptMaps:
             per_layer=self.per_layer[positions],
             meta=dict(self.meta),
         )
+
+    @property
+    def is_video(self) -> bool:
+        """Whether these are video maps, ``(batch, concepts, frames, h, w)``."""
+        return self.tensor.dim() == 5
+
+    def mean_over_frames(self) -> "ConceptMaps":
+        """One map per video: video maps averaged over their frames, ``(batch, concepts, h, w)``.
+
+        Averages the (already softmaxed) per-frame maps, so softmax maps still sum to one over
+        concepts; per-layer maps and other spaces are averaged the same way.
+        """
+        if not self.is_video:
+            raise ValueError("mean_over_frames() needs video maps (batch, concepts, frames, h, w)")
+        averaged = ConceptMaps(
+            tensor=self.tensor.mean(dim=2),
+            concepts=list(self.concepts),
+            layers=list(self.layers),
+            timesteps=list(self.timesteps),
+            steps=list(self.steps),
+            space=self.space,
+            softmax=self.softmax,
+            per_layer=None if self.per_layer is None else self.per_layer.mean(dim=3),
+            meta={**self.meta, "frames_averaged": int(self.tensor.shape[2])},
+        )
+        averaged.others = {space: other.mean_over_frames() for space, other in self.others.items()}
+        return averaged
 
     # ----------------------------------------------------------------- derived
     def segment(self) -> torch.Tensor:
@@ -194,13 +223,18 @@ class ConceptMaps:
         cmap: str = viz.DEFAULT_CMAP,
         alpha: float = 0.5,
         figure: bool = True,
+        frames: Any = None,
+        fps: float = 8.0,
+        video_format: str = "auto",
     ) -> Path:
         """Write the result folder.
 
         Always: ``<concept>.png`` heat maps (of ``batch_index``), ``maps.npz`` (float32 raw maps of
         the whole batch, per layer, and of other recorded spaces) and ``meta.json``. With an image
         (given or ``self.image``): ``image.png``, ``<concept>_overlay.png``, ``segmentation.png``
-        and ``figure.png``.
+        and ``figure.png``. Video maps instead get ``<concept>.mp4`` (or ``.gif``: ``video_format``)
+        with the heat map over the frames (``frames`` or ``self.frames``, else the bare heat map)
+        and ``contact_sheet.png`` (a few frames × concepts); see :mod:`concept_attention.video`.
         """
         from .. import __version__
 
@@ -236,6 +270,16 @@ class ConceptMaps:
             arrays[f"maps__{space}"] = other.tensor.detach().cpu().float().numpy()
             if other.per_layer is not None:
                 arrays[f"per_layer__{space}"] = other.per_layer.detach().cpu().float().numpy()
+        video_files = None
+        if self.is_video:
+            from .. import video
+
+            source = frames if frames is not None else self.frames
+            source = video.to_frames(source) if source is not None else None
+            video_files = video.save_video_maps(
+                self, out, files, source, batch_index=batch_index, fps=fps, video_format=video_format,
+                cmap=cmap, alpha=alpha,
+            )
         np.savez_compressed(out / "maps.npz", **arrays)
         meta = {
             "format_version": FORMAT_VERSION,
@@ -252,6 +296,8 @@ class ConceptMaps:
             "image_size": [base.width, base.height] if base is not None else None,
             "meta": _jsonable(self.meta),
         }
+        if video_files is not None:
+            meta["video_files"] = video_files
         (out / "meta.json").write_text(json.dumps(meta, indent=2))
         return out
 
