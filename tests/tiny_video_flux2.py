@@ -12,7 +12,9 @@ import tiny
 
 # A minimal Qwen-style chat template: the FLUX.2 Klein pipeline wraps every prompt in it.
 CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}{{ part['text'] }}{% endfor %}{% endif %}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 QWEN_LAYERS = 27  # the Klein pipeline stacks hidden states 9, 18 and 27
@@ -52,12 +54,12 @@ def qwen_tokenizer():
     return tokenizer
 
 
-def qwen_encoder(tokenizer, seed: int = 0):
+def qwen_encoder(tokenizer, seed: int = 0, layers: int = QWEN_LAYERS):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(seed)
     config = Qwen3Config(
-        vocab_size=len(tokenizer), hidden_size=QWEN_WIDTH, intermediate_size=24, num_hidden_layers=QWEN_LAYERS,
+        vocab_size=len(tokenizer), hidden_size=QWEN_WIDTH, intermediate_size=24, num_hidden_layers=layers,
         num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=128,
         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
     )
@@ -97,6 +99,23 @@ def flux2_klein_pipeline(seed: int = 0, layers: int = 4, is_distilled: bool = Tr
     return Flux2KleinPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(), vae=flux2_vae(), text_encoder=qwen_encoder(tokenizer, seed),
         tokenizer=tokenizer, transformer=flux2_transformer(seed, layers=layers), is_distilled=is_distilled,
+    )
+
+
+def flux2_dev_pipeline(seed: int = 0, layers: int = 4):
+    """A tiny ``Flux2Pipeline`` (FLUX.2 dev layout: system message in the chat template, layers 10/20/30).
+
+    The real pipeline uses Mistral-3 and its processor; a Qwen3 stand-in with 30 layers and a
+    tokenizer that renders the same message structure exercises the same code path.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Pipeline
+
+    tokenizer = qwen_tokenizer()
+    tokenizer.model_max_length = 512
+    return Flux2Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=flux2_vae(),
+        text_encoder=qwen_encoder(tokenizer, seed, layers=30), tokenizer=tokenizer,
+        transformer=flux2_transformer(seed, layers=layers, guidance=True),
     )
 
 

@@ -107,6 +107,9 @@ def test_bare_transformer_is_bit_identical_with_and_without_rope(rope):
             watched = transformer(**inputs).sample
     assert torch.equal(plain, watched)
     assert ca.maps.tensor.shape == (2, 3, 3, 2, 3)
+    for block in transformer.transformer_blocks:  # restored on exit
+        assert type(block.attn1.processor).__name__ == "CogVideoXAttnProcessor2_0"
+        assert not block._forward_pre_hooks and not block.attn1.to_v._forward_hooks
 
 
 def test_pipeline_with_cfg_is_bit_identical_and_maps_are_video_shaped(cog):
@@ -220,3 +223,31 @@ def test_peak_extra_memory_does_not_grow_with_steps(cog):
     assert eight < vectors
     # more concepts and more video tokens do cost more
     assert peak_extra_bytes(cog, 2, CONCEPTS + ["grass", "car", "house"], frames=13) > two
+
+
+def test_fused_qkv_gives_same_maps():
+    transformer = tv.cogvideox_transformer(seed=13, rope=True)
+    inputs = transformer_inputs(transformer, rope=True)
+    embeds = concept_embeds(transformer)
+    with torch.no_grad(), ConceptAttention(transformer, ["a", "b", "c"], concept_embeds=embeds) as reference:
+        transformer(**inputs)
+    transformer.fuse_qkv_projections()
+    with torch.no_grad():
+        with ConceptAttention(transformer, ["a", "b", "c"], concept_embeds=embeds) as fused:
+            out = transformer(**inputs).sample
+        plain = transformer(**inputs).sample
+    assert type(transformer.transformer_blocks[0].attn1.processor).__name__ == "FusedCogVideoXAttnProcessor2_0"
+    assert torch.equal(out, plain)
+    assert torch.allclose(fused.maps.tensor, reference.maps.tensor, atol=1e-5)
+
+
+def test_unknown_processor_is_refused_and_restored():
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    transformer = tv.cogvideox_transformer()
+    transformer.transformer_blocks[2].attn1.processor = AttnProcessor2_0()
+    with pytest.raises(TypeError, match=r"transformer_blocks\.2\.attn1 uses AttnProcessor2_0"):
+        with ConceptAttention(transformer, ["a"], concept_embeds=[torch.zeros(1, 32)]):
+            pass
+    assert type(transformer.transformer_blocks[1].attn1.processor).__name__ == "CogVideoXAttnProcessor2_0"
+    assert not transformer.transformer_blocks[1]._forward_pre_hooks

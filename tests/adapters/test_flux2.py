@@ -198,6 +198,24 @@ def test_concepts_use_the_template_path_and_their_own_span(klein):
     assert ca.concept_embeds[0].shape == (1, klein.transformer.config.joint_attention_dim)
 
 
+def test_dev_pipeline_system_message_template_and_bit_identity():
+    pipe = tv.flux2_dev_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    options = {"max_sequence_length": 320, "guidance_scale": 4.0}
+    plain = tv.flux2_generate(pipe, **options)
+    ca = ConceptAttention(pipe, ["dog", "traffic light"], max_sequence_length=320)
+    with ca:
+        watched = tv.flux2_generate(pipe, **options)
+    assert torch.equal(plain, watched)
+    assert ca.maps.tensor.shape == (1, 2, 8, 8)
+    empty = pipe.tokenizer.apply_chat_template(
+        [[{"role": "system", "content": [{"type": "text", "text": pipe.system_message}]},
+          {"role": "user", "content": [{"type": "text", "text": ""}]}]], tokenize=True, return_dict=True,
+    )["input_ids"][0]
+    end = len(empty) - 1 - empty[::-1].index(pipe.tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    assert [p.tolist() for p in ca.adapter._encoded_positions] == [[end], [end, end + 1]]
+
+
 def test_span_helper_handles_left_padding():
     template = [5, 6, 9]
     ids = torch.tensor([0, 0, 5, 6, 7, 8, 9])
@@ -247,3 +265,19 @@ def test_unknown_processor_is_refused():
         with ConceptAttention(transformer, ["a"], concept_embeds=[torch.zeros(1, 48)]):
             pass
     assert type(transformer.transformer_blocks[2].attn.processor).__name__ == "Flux2AttnProcessor"
+
+
+def test_fused_qkv_gives_same_maps():
+    transformer = tv.flux2_transformer(seed=13)
+    inputs = transformer_inputs(transformer)
+    embeds = concept_embeds(transformer)
+    with torch.no_grad(), ConceptAttention(transformer, ["a", "b", "c"], concept_embeds=embeds) as reference:
+        transformer(**inputs)
+    transformer.fuse_qkv_projections()
+    with torch.no_grad():
+        with ConceptAttention(transformer, ["a", "b", "c"], concept_embeds=embeds) as fused:
+            out = transformer(**inputs).sample
+        plain = transformer(**inputs).sample
+    assert transformer.transformer_blocks[0].attn.fused_projections
+    assert torch.equal(out, plain)
+    assert torch.allclose(fused.maps.tensor, reference.maps.tensor, atol=1e-5)

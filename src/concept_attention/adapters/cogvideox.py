@@ -213,6 +213,9 @@ class CogVideoXAdapter(ModelAdapter):
     family = "cogvideox"
     transformer_class_names = ("CogVideoXTransformer3DModel",)
 
+    default_concept_modulation = "prompt"
+    """No pooled text vector exists: modulation depends on the timestep only, so both choices agree."""
+
     batched_cfg: bool | None = None
     """Whether a call is batched CFG ``[uncond, cond]``: None = detect (module docstring)."""
 

@@ -226,6 +226,9 @@ class Flux2Adapter(ModelAdapter):
     family = "flux2"
     transformer_class_names = ("Flux2Transformer2DModel",)
 
+    default_concept_modulation = "prompt"
+    """No pooled text vector exists: modulation depends on the timestep only, so both choices agree."""
+
     concept_positions: str | int = "own"
     """RoPE text position of concept rows: ``"own"`` (default), ``"zero"`` or an int (module docstring)."""
 
