@@ -281,3 +281,20 @@ def test_fused_qkv_gives_same_maps():
     assert transformer.transformer_blocks[0].attn.fused_projections
     assert torch.equal(out, plain)
     assert torch.allclose(fused.maps.tensor, reference.maps.tensor, atol=1e-5)
+
+
+def test_explain_real_image_matches_a_full_forward(klein):
+    from PIL import Image
+
+    from concept_attention.explain import explain
+
+    picture = Image.new("RGB", (40, 24), (30, 140, 60))
+    maps = explain(klein, picture, CONCEPTS, prompt="a dog", num_samples=2, max_sequence_length=32, size=(48, 32))
+    assert maps.tensor.shape == (1, 3, 8, 12) and maps.image.size == (40, 24)
+    pixels = klein.image_processor.preprocess(picture, height=32, width=48)
+    generator = torch.Generator().manual_seed(0)
+    session = ConceptAttention(klein, CONCEPTS, max_sequence_length=32)
+    inputs = session.adapter.explain_inputs(klein, pixels, "a dog", 0.5, None, 2, generator, 32)
+    with torch.no_grad(), session:
+        klein.transformer(**inputs)  # all blocks, no early exit
+    assert torch.allclose(maps.tensor, session.maps.tensor.mean(0, keepdim=True), atol=1e-6)

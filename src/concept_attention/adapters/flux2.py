@@ -31,6 +31,10 @@ pipeline's tokenisation is never re-implemented.
 **Modulation.** FLUX.2 has no pooled text vector: the modulation depends on timestep (and
 guidance) only, so ``concept_modulation="zero"`` and ``"prompt"`` are the same here.
 
+**Real images** (:func:`concept_attention.explain`): the image is encoded as the pipeline encodes
+reference images (``_encode_vae_image``: VAE, 2×2 patchify, batch-norm statistics), noised by flow
+matching at ``t`` and run with the prompt (guidance 4.0 for guidance-distilled checkpoints).
+
 **Not supported (refused with an error):** Klein's KV-cache mode (``kv_cache_mode=...``, used by
 ``Flux2KleinKVPipeline`` with reference images). Reference images in the ordinary pipelines are
 supported: concepts attend to their tokens too, but maps cover only the generated image.
@@ -290,6 +294,50 @@ class Flux2Adapter(ModelAdapter):
             positions.append(span)
         self._encoded_positions = positions
         return result
+
+    # ------------------------------------------------------------------ real images
+    def image_size_rule(self, pipeline: Any) -> tuple[int, int]:
+        scale = int(getattr(pipeline, "vae_scale_factor", 8))
+        native = int(getattr(pipeline, "default_sample_size", 128)) * scale
+        return native, scale * 2
+
+    def explain_inputs(
+        self,
+        pipeline: Any,
+        pixels: torch.Tensor,
+        prompt: str,
+        timestep: float,
+        noise: torch.Tensor | None,
+        num_samples: int,
+        generator: torch.Generator,
+        max_sequence_length: int | None,
+    ) -> dict[str, Any]:
+        """Flow-matching noised latents of ``pixels`` (encoded as the pipeline encodes reference images)."""
+        transformer = self.transformer
+        device, dtype = transformer.device, transformer.dtype
+        with torch.no_grad():
+            encoded = pipeline._encode_vae_image(pixels.to(device=device, dtype=pipeline.vae.dtype), generator)
+        latents = encoded.to(dtype).expand(num_samples, -1, -1, -1)
+        if noise is None:
+            noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
+        noised = (1.0 - timestep) * latents + timestep * noise
+        length = max_sequence_length or _call_default(pipeline, "max_sequence_length") or 512
+        with torch.no_grad():
+            prompt_embeds, text_ids = pipeline.encode_prompt(
+                prompt=prompt, device=device, num_images_per_prompt=num_samples, max_sequence_length=int(length)
+            )
+        inputs = {
+            "hidden_states": pipeline._pack_latents(noised),
+            "encoder_hidden_states": prompt_embeds.to(dtype),
+            "timestep": torch.full((num_samples,), float(timestep), device=device, dtype=dtype),
+            "img_ids": pipeline._prepare_latent_ids(noised).to(device),
+            "txt_ids": text_ids,
+            "return_dict": False,
+        }
+        if transformer.config.guidance_embeds:
+            guidance = _call_default(pipeline, "guidance_scale") or 4.0
+            inputs["guidance"] = torch.full((num_samples,), float(guidance), device=device, dtype=torch.float32)
+        return inputs
 
     def _positions(self, sizes: Sequence[int]) -> torch.Tensor:
         """Text positions (the RoPE ``l`` coordinate) of every concept row, concatenated."""
