@@ -132,12 +132,12 @@ def flux2_generate(pipe, prompt="a dog by a tree", **kwargs):
 
 # ------------------------------------------------------------------ CogVideoX
 def cogvideox_transformer(seed: int = 0, layers: int = 4, rope: bool = False, patch_size_t: int | None = None,
-                          text_len: int = 16):
+                          text_len: int = 16, in_channels: int = 4):
     from diffusers import CogVideoXTransformer3DModel
 
     torch.manual_seed(seed)
     model = CogVideoXTransformer3DModel(
-        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=32,
+        num_attention_heads=2, attention_head_dim=16, in_channels=in_channels, out_channels=4, time_embed_dim=32,
         text_embed_dim=32, num_layers=layers, sample_width=8, sample_height=8, sample_frames=9, patch_size=2,
         patch_size_t=patch_size_t, max_text_seq_length=text_len, use_rotary_positional_embeddings=rope,
     )
@@ -170,8 +170,9 @@ def cogvideox_vae():
     ).eval()
 
 
-def cogvideox_pipeline(seed: int = 0, layers: int = 4, rope: bool = False):
-    from diffusers import CogVideoXDDIMScheduler, CogVideoXPipeline
+def cogvideox_pipeline(seed: int = 0, layers: int = 4, rope: bool = False, image_to_video: bool = False):
+    """A tiny ``CogVideoXPipeline`` (or ``CogVideoXImageToVideoPipeline``: latents ‖ image latents in)."""
+    from diffusers import CogVideoXDDIMScheduler, CogVideoXImageToVideoPipeline, CogVideoXPipeline
     from transformers import T5Config, T5EncoderModel
 
     tokenizer = tiny.t5_tokenizer()
@@ -180,9 +181,11 @@ def cogvideox_pipeline(seed: int = 0, layers: int = 4, rope: bool = False):
         vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
         relative_attention_num_buckets=8, dropout_rate=0.0,
     )).eval()
-    return CogVideoXPipeline(
-        tokenizer=tokenizer, text_encoder=t5, vae=cogvideox_vae(),
-        transformer=cogvideox_transformer(seed, layers=layers, rope=rope), scheduler=CogVideoXDDIMScheduler(),
+    kind = CogVideoXImageToVideoPipeline if image_to_video else CogVideoXPipeline
+    transformer = cogvideox_transformer(seed, layers=layers, rope=rope, in_channels=8 if image_to_video else 4)
+    return kind(
+        tokenizer=tokenizer, text_encoder=t5, vae=cogvideox_vae(), transformer=transformer,
+        scheduler=CogVideoXDDIMScheduler(),
     )
 
 
@@ -195,7 +198,7 @@ def cogvideox_generate(pipe, prompt="a dog by a tree", **kwargs):
     kwargs.setdefault("guidance_scale", 6.0)
     kwargs.setdefault("output_type", "latent")
     generator = torch.Generator().manual_seed(kwargs.pop("seed", 0))
-    return pipe(prompt, generator=generator, **kwargs).frames
+    return pipe(prompt=prompt, generator=generator, **kwargs).frames
 
 
 # ------------------------------------------------------------------ memory

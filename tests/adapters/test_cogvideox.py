@@ -251,3 +251,16 @@ def test_unknown_processor_is_refused_and_restored():
             pass
     assert type(transformer.transformer_blocks[1].attn1.processor).__name__ == "CogVideoXAttnProcessor2_0"
     assert not transformer.transformer_blocks[1]._forward_pre_hooks
+
+
+def test_image_to_video_pipeline():
+    from PIL import Image
+
+    pipe = tv.cogvideox_pipeline(rope=True, image_to_video=True)
+    pipe.set_progress_bar_config(disable=True)
+    image = Image.new("RGB", (24, 16), (120, 60, 20))
+    plain = tv.cogvideox_generate(pipe, image=image)
+    with ConceptAttention(pipe, CONCEPTS) as ca:
+        watched = tv.cogvideox_generate(pipe, image=image)
+    assert torch.equal(plain, watched)
+    assert ca.maps.tensor.shape == (1, 3, 3, 2, 3)  # conditional half of the batched CFG call
