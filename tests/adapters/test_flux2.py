@@ -235,25 +235,67 @@ def test_sequential_cfg_reads_the_conditional_call():
 
 
 # ---------------------------------------------------------------- 4. refusals and restore
-def test_kv_cache_mode_is_refused_and_model_restored():
-    from diffusers.models.transformers.transformer_flux2 import Flux2KVAttnProcessor
+def kv_inputs(transformer, references=8, seed=0):
+    """Klein KV layout: [reference tokens, generated tokens] for the extract step, generated only after."""
+    inputs = transformer_inputs(transformer, batch=1, references=references, seed=seed)
+    generated = 24
+    order = list(range(generated, generated + references)) + list(range(generated))
+    extract = dict(inputs, hidden_states=inputs["hidden_states"][:, order], img_ids=inputs["img_ids"][:, order],
+                   kv_cache_mode="extract", num_ref_tokens=references, return_dict=False)
+    cached = dict(inputs, hidden_states=inputs["hidden_states"][:, :generated],
+                  img_ids=inputs["img_ids"][:, :generated], kv_cache_mode="cached", return_dict=False)
+    return extract, cached
+
+
+def test_kv_cache_modes_map_the_generated_tokens_and_attend_to_references():
+    from diffusers.models.transformers.transformer_flux2 import Flux2KVAttnProcessor, Flux2KVParallelSelfAttnProcessor
 
     transformer = tv.flux2_transformer(seed=8)
     for block in transformer.transformer_blocks:
         block.attn.set_processor(Flux2KVAttnProcessor())
-    inputs = transformer_inputs(transformer, batch=1, references=8)
+    for block in transformer.single_transformer_blocks:
+        block.attn.set_processor(Flux2KVParallelSelfAttnProcessor())
     before = {name: proc for name, proc in transformer.attn_processors.items()}
+    extract, cached = kv_inputs(transformer)
     embeds = concept_embeds(transformer)
     with torch.no_grad():
-        plain = transformer(**inputs).sample
-        with ConceptAttention(transformer, ["a", "b", "c"], concept_embeds=embeds) as ca:
-            watched = transformer(**inputs).sample  # KV processor without KV mode: supported
-        assert torch.equal(plain, watched) and ca.maps.tensor.shape == (1, 3, 4, 6)
-        with pytest.raises(NotImplementedError, match="KV-cache"):
-            with ConceptAttention(transformer, ["a", "b", "c"], concept_embeds=embeds):
-                transformer(**inputs, kv_cache_mode="extract", num_ref_tokens=8)
+        plain_out, cache = transformer(**extract)
+        plain_cached = transformer(**cached, kv_cache=cache)[0]
+        with ConceptAttention(transformer, ["a", "b", "c"], concept_embeds=embeds) as first:
+            out, cache = transformer(**extract)
+        with ConceptAttention(transformer, ["a", "b", "c"], concept_embeds=embeds) as later:
+            out_cached = transformer(**cached, kv_cache=cache)[0]
+        with ConceptAttention(transformer, ["a", "b", "c"], concept_embeds=embeds) as no_reference:
+            transformer(**{k: v for k, v in cached.items() if k != "kv_cache_mode"})
+    assert torch.equal(out, plain_out) and torch.equal(out_cached, plain_cached)
+    assert first.maps.tensor.shape == (1, 3, 4, 6) and later.maps.tensor.shape == (1, 3, 4, 6)
+    # the same generated tokens see the same reference keys in both modes, so the maps agree ...
+    assert torch.allclose(first.maps.tensor, later.maps.tensor, atol=1e-5)
+    # ... and the reference tokens matter
+    assert not torch.allclose(later.maps.tensor, no_reference.maps.tensor, atol=1e-4)
     after = transformer.attn_processors
     assert all(after[k] is before[k] for k in before)
+
+
+def test_klein_kv_pipeline_with_reference_image():
+    from diffusers import Flux2KleinKVPipeline
+    from PIL import Image
+
+    base = tv.flux2_klein_pipeline()
+    pipe = Flux2KleinKVPipeline(scheduler=base.scheduler, vae=base.vae, text_encoder=base.text_encoder,
+                                tokenizer=base.tokenizer, transformer=base.transformer)
+    pipe.set_progress_bar_config(disable=True)
+    image = Image.new("RGB", (64, 64), (200, 30, 30))  # the pipeline needs >= 64 px; reference 16x16 tokens
+
+    def run():
+        return pipe(prompt="a dog by a tree", image=image, height=32, width=32, num_inference_steps=3,
+                    max_sequence_length=32, output_type="latent", generator=torch.Generator().manual_seed(0)).images
+
+    plain = run()
+    with ConceptAttention(pipe, CONCEPTS) as ca:
+        watched = run()
+    assert torch.equal(plain, watched)
+    assert ca.maps.tensor.shape == (1, 3, 8, 8) and ca.maps.steps == [0, 1, 2]
 
 
 def test_unknown_processor_is_refused():

@@ -35,9 +35,12 @@ guidance) only, so ``concept_modulation="zero"`` and ``"prompt"`` are the same h
 reference images (``_encode_vae_image``: VAE, 2×2 patchify, batch-norm statistics), noised by flow
 matching at ``t`` and run with the prompt (guidance 4.0 for guidance-distilled checkpoints).
 
-**Not supported (refused with an error):** Klein's KV-cache mode (``kv_cache_mode=...``, used by
-``Flux2KleinKVPipeline`` with reference images). Reference images in the ordinary pipelines are
-supported: concepts attend to their tokens too, but maps cover only the generated image.
+**Reference images.** Maps cover only the generated image's tokens (position ids with ``t = 0``;
+reference images have ``t = 10, 20, ...``); concepts attend to reference-image keys too. This holds
+for reference tokens in the sequence (``Flux2Pipeline``, ``Flux2KleinPipeline``) and for Klein's
+KV-cache mode (``Flux2KleinKVPipeline``): in its ``"extract"`` step the reference tokens come first
+and are moved behind the generated ones for scoring; in ``"cached"`` steps the cached reference
+keys/values of each block are appended to the image keys/values the concepts attend to.
 """
 
 from __future__ import annotations
@@ -111,7 +114,7 @@ class Flux2ConceptProcessor:
             self.capture.enabled = False
         try:
             with torch.no_grad():
-                self._concept_step(attn, call, encoder_hidden_states.shape[1], image_rotary_emb)
+                self._concept_step(attn, call, encoder_hidden_states.shape[1], image_rotary_emb, extra)
         finally:
             self.capture.clear()
         return outputs
@@ -135,7 +138,9 @@ class Flux2ConceptProcessor:
             self._handles.append(fused.register_forward_hook(self.capture.on_to_qkv))
             self._qkv_hooked = fused
 
-    def _concept_step(self, attn: nn.Module, call: "CallState", text_len: int, rotary: Any) -> None:
+    def _concept_step(
+        self, attn: nn.Module, call: "CallState", text_len: int, rotary: Any, extra: dict[str, Any]
+    ) -> None:
         from diffusers.models.embeddings import apply_rotary_emb
         from diffusers.models.transformers.transformer_flux2 import Flux2Modulation
 
@@ -152,6 +157,16 @@ class Flux2ConceptProcessor:
             image_key = apply_rotary_emb(image_key, (cos[text_len:], sin[text_len:]), sequence_dim=1)
         image_value = capture.image_value.unflatten(-1, (-1, head_dim))
         image_output = capture.image_output.unflatten(-1, (-1, head_dim))
+        offset = int(call.extras.get("map_offset", 0))
+        if offset:  # reference tokens before the generated ones (KV extract step): generated first
+            image_key, image_value, image_output = (
+                torch.cat([t[:, offset:], t[:, :offset]], dim=1) for t in (image_key, image_value, image_output)
+            )
+        cache = extra.get("kv_cache")
+        if extra.get("kv_cache_mode") == "cached" and cache is not None:  # cached reference keys/values
+            cached_key, cached_value = cache.get()
+            image_key = torch.cat([image_key, cached_key.to(image_key.dtype)], dim=1)
+            image_value = torch.cat([image_value, cached_value.to(image_value.dtype)], dim=1)
 
         concepts = call.concepts
         (shift_msa, scale_msa, gate_msa), (shift_mlp, scale_mlp, gate_mlp) = Flux2Modulation.split(
@@ -211,16 +226,9 @@ class Flux2KVConceptProcessor(Flux2ConceptProcessor):
         num_ref_tokens: int = 0,
     ) -> Any:
         extra = {"kv_cache": kv_cache, "kv_cache_mode": kv_cache_mode, "num_ref_tokens": num_ref_tokens}
-        if kv_cache_mode is not None and self.session.current_call is not None:
-            raise NotImplementedError(_KV_REFUSAL)
         return self._run(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, extra)
 
 
-_KV_REFUSAL = (
-    "ConceptAttention does not support FLUX.2 Klein's KV-cache mode (kv_cache_mode='extract'/'cached', "
-    "used by Flux2KleinKVPipeline with reference images); use Flux2KleinPipeline, which passes reference "
-    "image tokens in the sequence"
-)
 
 
 @register_adapter
@@ -369,17 +377,21 @@ class Flux2Adapter(ModelAdapter):
     # ------------------------------------------------------------------ calls
     def begin_call(self, bound: inspect.BoundArguments, call: "CallState") -> None:
         arguments = bound.arguments
-        if arguments.get("kv_cache_mode") is not None or arguments.get("kv_cache") is not None:
-            raise NotImplementedError(_KV_REFUSAL)
         hidden = arguments.get("hidden_states")
         img_ids = arguments.get("img_ids")
         if hidden is None or img_ids is None:
             raise ValueError("Flux2Transformer2DModel was called without hidden_states or img_ids")
         ids = img_ids[0] if img_ids.dim() == 3 else img_ids
-        generated = ids[:, 0] == ids[0, 0]
-        count = int(generated.sum()) if bool(generated.all()) else int(generated.int().argmin())
-        rows = ids[:count, 1].long()
-        cols = ids[:count, 2].long()
+        # Generated latents have t = 0 in every FLUX.2 pipeline, reference images t = 10, 20, ...
+        generated = ids[:, 0] == 0
+        if not bool(generated.any()):
+            generated = ids[:, 0] == ids[0, 0]
+        where = torch.nonzero(generated).flatten()
+        start, count = int(where[0]), int(where.numel())
+        if int(where[-1]) - start + 1 != count:
+            raise ValueError("the generated image's tokens are not contiguous in img_ids")
+        rows = ids[start : start + count, 1].long()
+        cols = ids[start : start + count, 2].long()
         height = int(rows.max() - rows.min()) + 1
         width = int(cols.max() - cols.min()) + 1
         if height * width != count:
@@ -387,6 +399,7 @@ class Flux2Adapter(ModelAdapter):
         call.batch_size = hidden.shape[0]
         call.grid = (height, width)
         call.num_map_tokens = count
+        call.extras["map_offset"] = start
         timestep = arguments.get("timestep")
         if isinstance(timestep, torch.Tensor) and timestep.numel() > 0:
             call.timestep = float(timestep.flatten()[0])
