@@ -84,7 +84,8 @@ def main() -> None:
     mapped_layers = len(range(args.layers // 2, args.layers))
     print(f"CogVideoX random weights: width {args.width}, {args.layers} layers ({mapped_layers} mapped), "
           f"{tokens} video tokens, batched CFG")
-    print(f"{'concepts':>8} {'steps':>5} {'peak plain':>12} {'peak maps':>12} {'extra':>10} {'vectors':>12} {'time':>6}")
+    header = ("concepts", "steps", "peak plain", "peak maps", "extra", "vectors", "time")
+    print(" ".join(f"{h:>{w}}" for h, w in zip(header, (8, 5, 12, 12, 10, 12, 6))))
     for concepts in (3, 10):
         for steps in (2, 4, 8):
             start = time.perf_counter()

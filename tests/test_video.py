@@ -56,6 +56,10 @@ def test_mean_over_frames_gives_one_map_per_video():
 
 
 # ---------------------------------------------------------------- export
+needs_mp4 = pytest.mark.skipif(not video.has_mp4_writer(), reason='needs imageio[ffmpeg] (the "video" extra)')
+
+
+@needs_mp4
 def test_save_writes_decodable_mp4_per_concept_and_contact_sheet(tmp_path):
     maps = video_maps()
     maps.frames = rgb_frames()
@@ -71,6 +75,7 @@ def test_save_writes_decodable_mp4_per_concept_and_contact_sheet(tmp_path):
     assert torch.equal(loaded.tensor, maps.tensor) and loaded.is_video
 
 
+@needs_mp4
 def test_heat_follows_the_maps_over_frames(tmp_path):
     tensor = torch.zeros(1, 2, 3, 2, 2)
     tensor[0, 0, :, 0, 0] = 1.0  # "dog" lives top-left in every frame ...
@@ -86,6 +91,18 @@ def test_heat_follows_the_maps_over_frames(tmp_path):
     decoded = video.read_video(path)
     assert decoded.shape == (3, 32, 32, 3)
     assert decoded[2, 28, 28, 0] > 150 and decoded[2, 4, 4, 0] < 100
+
+
+def test_gif_fallback_without_the_video_extra(tmp_path, monkeypatch):
+    monkeypatch.setattr(video, "has_mp4_writer", lambda: False)
+    maps = video_maps(batch=1)
+    maps.frames = rgb_frames(count=5, size=(24, 16))
+    with pytest.warns(UserWarning, match="imageio"):
+        out = maps.save(tmp_path)
+    decoded = video.read_video(out / "sky.gif")
+    assert decoded.shape == (5, 16, 24, 3)
+    with pytest.raises(ImportError, match="video"):
+        video.write_video(tmp_path / "x.mp4", [np.zeros((4, 4, 3), np.uint8)])
 
 
 def test_gif_export_without_source_frames(tmp_path):
@@ -128,6 +145,9 @@ def test_generate_and_cli_write_videos(cog_dir, tmp_path, capsys):
     code = main(["generate", "a dog by a tree", "--model", str(cog_dir), "--concepts", "dog,tree",
                  "--steps", "2", "--out", str(tmp_path / "cli")])
     assert code == 0, capsys.readouterr().err
-    decoded = video.read_video(tmp_path / "cli" / "dog.mp4")
+    meta = json.loads((tmp_path / "cli" / "meta.json").read_text())
+    written = meta["video_files"]["dog"]  # dog.mp4, or dog.gif without the "video" extra
+    assert written == ("dog.mp4" if video.has_mp4_writer() else "dog.gif")
+    decoded = video.read_video(tmp_path / "cli" / written)
     assert decoded.shape == (9, 32, 32, 3)
     assert (tmp_path / "cli" / "contact_sheet.png").is_file()

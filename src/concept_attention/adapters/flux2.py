@@ -229,8 +229,6 @@ class Flux2KVConceptProcessor(Flux2ConceptProcessor):
         return self._run(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, extra)
 
 
-
-
 @register_adapter
 class Flux2Adapter(ModelAdapter):
     """FLUX.2 dev / Klein (``Flux2Transformer2DModel``)."""
@@ -446,7 +444,9 @@ class Flux2Adapter(ModelAdapter):
             wrapper.hook(attn)
             attn.processor = wrapper  # set_processor would log; direct assignment keeps it silent
 
-            def undo(attn: nn.Module = attn, original: Any = original, wrapper: Flux2ConceptProcessor = wrapper) -> None:
+            def undo(
+                attn: nn.Module = attn, original: Any = original, wrapper: Flux2ConceptProcessor = wrapper
+            ) -> None:
                 wrapper.unhook()
                 attn.processor = original
 
