@@ -60,7 +60,7 @@ def qwen_encoder(tokenizer, seed: int = 0, layers: int = QWEN_LAYERS):
     torch.manual_seed(seed)
     config = Qwen3Config(
         vocab_size=len(tokenizer), hidden_size=QWEN_WIDTH, intermediate_size=24, num_hidden_layers=layers,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=128,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=1024,
         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
     )
     return Qwen3ForCausalLM(config).eval()

@@ -340,3 +340,15 @@ def test_explain_real_image_matches_a_full_forward(klein):
     with torch.no_grad(), session:
         klein.transformer(**inputs)  # all blocks, no early exit
     assert torch.allclose(maps.tensor, session.maps.tensor.mean(0, keepdim=True), atol=1e-6)
+
+
+def test_generate_helper_runs_flux2_pipelines(klein):
+    from concept_attention.generate import generate
+
+    klein.concept_attention_defaults = {"max_sequence_length": 32}
+    try:
+        maps = generate(klein, "a dog by a tree", ["dog", "tree"], steps=2, size=(32, 32))
+    finally:
+        del klein.concept_attention_defaults
+    assert maps.tensor.shape == (1, 2, 8, 8) and maps.image.size == (32, 32)
+    assert "cross_attention" in maps.others
