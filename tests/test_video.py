@@ -56,7 +56,16 @@ def test_mean_over_frames_gives_one_map_per_video():
 
 
 # ---------------------------------------------------------------- export
-needs_mp4 = pytest.mark.skipif(not video.has_mp4_writer(), reason='needs imageio[ffmpeg] (the "video" extra)')
+def needs_mp4(test):
+    """MP4 tests need imageio[ffmpeg], which the test extra installs: fail loudly if it is missing."""
+
+    def checked(*args, **kwargs):
+        assert video.has_mp4_writer(), 'imageio[ffmpeg] (the "video" extra, part of ".[test]") is not installed'
+        return test(*args, **kwargs)
+
+    checked.__name__ = test.__name__
+    checked.__signature__ = __import__("inspect").signature(test)
+    return checked
 
 
 @needs_mp4
