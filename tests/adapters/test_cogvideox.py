@@ -241,6 +241,15 @@ def test_fused_qkv_gives_same_maps():
     assert torch.allclose(fused.maps.tensor, reference.maps.tensor, atol=1e-5)
 
 
+def test_fusing_inside_a_session_is_refused_clearly():
+    transformer = tv.cogvideox_transformer(seed=13, rope=True)
+    inputs = transformer_inputs(transformer, rope=True)
+    with torch.no_grad(), ConceptAttention(transformer, ["a", "b"], concept_embeds=concept_embeds(transformer)[:2]):
+        transformer.fuse_qkv_projections()  # diffusers replaces every processor here
+        with pytest.raises(RuntimeError, match="replaced while ConceptAttention was installed"):
+            transformer(**inputs)
+
+
 def test_unknown_processor_is_refused_and_restored():
     from diffusers.models.attention_processor import AttnProcessor2_0
 

@@ -33,6 +33,7 @@ class ModelAdapter(ABC):
     def __init__(self, transformer: nn.Module) -> None:
         self.transformer = transformer
         self._undo: list[Callable[[], None]] = []
+        self._wrapped: list[tuple[nn.Module, Any]] = []
 
     # -------------------------------------------------------------- structure
     @classmethod
@@ -111,6 +112,55 @@ class ModelAdapter(ABC):
     @abstractmethod
     def install(self, session: "ConceptAttention", blocks: Sequence[int]) -> None:
         """Put concept-aware processors (and any hooks) on ``blocks``; register undo actions."""
+
+    def wrap_processors(
+        self,
+        blocks: Sequence[int],
+        attention: str,
+        known: tuple[type, ...],
+        make_wrapper: Callable[[Any, nn.Module, int], Any],
+    ) -> None:
+        """Wrap ``block.<attention>.processor`` of each block in ``blocks``; undone by :meth:`restore`.
+
+        Every processor is checked first (an unknown class — an IP-adapter, a custom processor —
+        is refused naming the module, before anything is touched). ``make_wrapper(original,
+        block, index)`` returns an object with ``hook(attn)``/``unhook()`` that is callable like
+        the original processor.
+        """
+        all_blocks = self.dual_blocks
+        for index in blocks:
+            processor = getattr(all_blocks[index], attention).processor
+            if type(processor) not in known:
+                raise TypeError(
+                    f"transformer_blocks.{index}.{attention} uses {type(processor).__name__}, which the "
+                    f"{self.family} adapter does not know (expected {', '.join(c.__name__ for c in known)}); "
+                    "remove IP-adapters or custom processors before using ConceptAttention"
+                )
+        for index in blocks:
+            block = all_blocks[index]
+            attn = getattr(block, attention)
+            original = attn.processor
+            wrapper = make_wrapper(original, block, index)
+            wrapper.hook(attn)
+            attn.processor = wrapper  # set_processor would log on every call; plain assignment is silent
+            self._wrapped.append((attn, wrapper))
+
+            def undo(attn: nn.Module = attn, original: Any = original, wrapper: Any = wrapper) -> None:
+                wrapper.unhook()
+                attn.processor = original
+
+            self.on_undo(undo)
+        self.on_undo(self._wrapped.clear)
+
+    def verify_processors(self) -> None:
+        """Raise if a wrapped processor was replaced while installed (e.g. ``fuse_qkv_projections()``)."""
+        for attn, wrapper in self._wrapped:
+            if attn.processor is not wrapper:
+                raise RuntimeError(
+                    f"the attention processor of {type(attn).__name__} was replaced while ConceptAttention was "
+                    f"installed (now {type(attn.processor).__name__}), e.g. by fuse_qkv_projections() or "
+                    "set_attn_processor(); do that before entering the ConceptAttention block"
+                )
 
     def on_undo(self, action: Callable[[], None]) -> None:
         self._undo.append(action)

@@ -312,34 +312,13 @@ class CogVideoXAdapter(ModelAdapter):
     def install(self, session: "ConceptAttention", blocks: Sequence[int]) -> None:
         self._session = session
         self._concept_rows = None
-        known = _known_processor_classes()
-        all_blocks = self.dual_blocks
+        self.wrap_processors(
+            blocks, "attn1", _known_processor_classes(),
+            lambda original, block, index: CogVideoXConceptProcessor(original, block, index, session),
+        )
         for index in blocks:
-            processor = all_blocks[index].attn1.processor
-            if type(processor) not in known:
-                raise TypeError(
-                    f"transformer_blocks.{index}.attn1 uses {type(processor).__name__}, which the CogVideoX "
-                    f"adapter does not know (expected {', '.join(c.__name__ for c in known)}); remove custom "
-                    "processors before using ConceptAttention"
-                )
-        for index in blocks:
-            block = all_blocks[index]
-            attn = block.attn1
-            original = attn.processor
-            wrapper = CogVideoXConceptProcessor(original, block, index, session)
-            wrapper.hook(attn)
-            attn.processor = wrapper  # set_processor would log; direct assignment keeps it silent
-            handle = block.register_forward_pre_hook(self._on_block, with_kwargs=True)
-
-            def undo(
-                attn: nn.Module = attn, original: Any = original, wrapper: CogVideoXConceptProcessor = wrapper,
-                handle: Any = handle,
-            ) -> None:
-                handle.remove()
-                wrapper.unhook()
-                attn.processor = original
-
-            self.on_undo(undo)
+            handle = self.dual_blocks[index].register_forward_pre_hook(self._on_block, with_kwargs=True)
+            self.on_undo(handle.remove)
         self.on_undo(self._forget_session)
 
     def _forget_session(self) -> None:

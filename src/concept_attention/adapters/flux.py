@@ -308,29 +308,10 @@ class FluxAdapter(ModelAdapter):
     def install(self, session: "ConceptAttention", blocks: Sequence[int]) -> None:
         self._session = session
         self._concept_rows = None
-        known = _known_processor_classes()
-        all_blocks = self.dual_blocks
-        for index in blocks:
-            processor = all_blocks[index].attn.processor
-            if not isinstance(processor, known) or type(processor) not in known:
-                raise TypeError(
-                    f"transformer_blocks.{index}.attn uses {type(processor).__name__}, which the FLUX adapter "
-                    f"does not know (expected {', '.join(c.__name__ for c in known)}); remove IP-adapters or "
-                    "custom processors before using ConceptAttention"
-                )
-        for index in blocks:
-            block = all_blocks[index]
-            attn = block.attn
-            original = attn.processor
-            wrapper = FluxConceptProcessor(original, block, index, session)
-            wrapper.hook(attn)
-            attn.processor = wrapper  # set_processor would log; direct assignment keeps it silent
-
-            def undo(attn: nn.Module = attn, original: Any = original, wrapper: FluxConceptProcessor = wrapper) -> None:
-                wrapper.unhook()
-                attn.processor = original
-
-            self.on_undo(undo)
+        self.wrap_processors(
+            blocks, "attn", _known_processor_classes(),
+            lambda original, block, index: FluxConceptProcessor(original, block, index, session),
+        )
         handle = self.transformer.time_text_embed.register_forward_hook(self._on_time_embedding)
         self.on_undo(handle.remove)
         self.on_undo(self._forget_session)

@@ -425,32 +425,12 @@ class Flux2Adapter(ModelAdapter):
         self._session = session
         self._concept_rows = None
         self._positions(session.groups.sizes)  # validate the policy before touching the model
-        known = _known_processor_classes()
-        all_blocks = self.dual_blocks
-        for index in blocks:
-            processor = all_blocks[index].attn.processor
-            if type(processor) not in known:
-                raise TypeError(
-                    f"transformer_blocks.{index}.attn uses {type(processor).__name__}, which the FLUX.2 adapter "
-                    f"does not know (expected {', '.join(c.__name__ for c in known)}); remove custom processors "
-                    "before using ConceptAttention"
-                )
-        for index in blocks:
-            block = all_blocks[index]
-            attn = block.attn
-            original = attn.processor
+
+        def make_wrapper(original: Any, block: nn.Module, index: int) -> Flux2ConceptProcessor:
             kind = Flux2KVConceptProcessor if isinstance(original, Flux2KVAttnProcessor) else Flux2ConceptProcessor
-            wrapper = kind(original, block, index, session)
-            wrapper.hook(attn)
-            attn.processor = wrapper  # set_processor would log; direct assignment keeps it silent
+            return kind(original, block, index, session)
 
-            def undo(
-                attn: nn.Module = attn, original: Any = original, wrapper: Flux2ConceptProcessor = wrapper
-            ) -> None:
-                wrapper.unhook()
-                attn.processor = original
-
-            self.on_undo(undo)
+        self.wrap_processors(blocks, "attn", _known_processor_classes(), make_wrapper)
         handle = self.transformer.double_stream_modulation_txt.register_forward_hook(self._on_text_modulation)
         self.on_undo(handle.remove)
         self.on_undo(self._forget_session)

@@ -323,6 +323,7 @@ class ConceptAttention:
         if conditional:
             self._steps_seen += 1
         if active:
+            self.adapter.verify_processors()
             with torch.no_grad():
                 self.adapter.begin_call(bound, call)
             if self._grid and call.grid != self._grid:
