@@ -164,6 +164,8 @@ class FluxConceptProcessor:
                 concept_output=concept_output,
             ),
         )
+        if self.block_index >= session.last_layer:
+            return  # no later block reads the concept rows: skip their update
         # Residual update of the concept rows with the block's text-stream weights.
         attended = attn.to_add_out(concept_output.flatten(2).to(concepts.dtype))
         concepts = concepts + gate_msa.unsqueeze(1) * attended

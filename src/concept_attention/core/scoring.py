@@ -98,19 +98,27 @@ def concept_attention(
     """
     if not cross_attention and not self_attention:
         return concept_value
-    keys, values = [], []
+    parts = []
     if cross_attention:
-        keys.append(image_key)
-        values.append(image_value)
+        parts.append((image_key, image_value))
     if self_attention:
-        keys.append(concept_key)
-        values.append(concept_value)
-    key = torch.cat(keys, dim=1) if len(keys) > 1 else keys[0]
-    value = torch.cat(values, dim=1) if len(values) > 1 else values[0]
-    out = F.scaled_dot_product_attention(
-        concept_query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
-    )
-    return out.transpose(1, 2)
+        parts.append((concept_key, concept_value))
+    if len(parts) == 1:
+        key, value = parts[0]
+        out = F.scaled_dot_product_attention(
+            concept_query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+        )
+        return out.transpose(1, 2)
+    # Softmax over the union of both key sets without concatenating them (no copy of the image
+    # keys and values): combine the two partial softmaxes through a shared maximum.
+    dtype = concept_query.dtype
+    query = concept_query.float() * concept_query.shape[-1] ** -0.5
+    logits = [torch.einsum("brhd,bshd->bhrs", query, key.float()) for key, _ in parts]
+    peak = torch.maximum(logits[0].amax(dim=-1, keepdim=True), logits[1].amax(dim=-1, keepdim=True))
+    weights = [torch.exp(item - peak) for item in logits]
+    total = weights[0].sum(dim=-1, keepdim=True) + weights[1].sum(dim=-1, keepdim=True)
+    out = sum(torch.einsum("bhrs,bshd->brhd", w, value.float()) for w, (_, value) in zip(weights, parts))
+    return (out / total.permute(0, 2, 1, 3)).to(dtype)
 
 
 def token_scores(space: str, act: BlockActivations) -> torch.Tensor:

@@ -341,6 +341,11 @@ class ConceptAttention:
         self._call = None
 
     @property
+    def last_layer(self) -> int:
+        """The deepest block whose maps are recorded; concept rows are not needed after it."""
+        return max(self.layers)
+
+    @property
     def current_call(self) -> CallState | None:
         """The active conditional call, or None (no call, unconditional call, unselected step)."""
         call = self._call
