@@ -74,12 +74,17 @@ def to_rgb_image(image: Image.Image | np.ndarray | torch.Tensor) -> Image.Image:
     return Image.fromarray(array[..., :3])
 
 
-def blend(image: Image.Image, heat: np.ndarray, alpha: float = 0.5) -> Image.Image:
-    """Alpha-blend an RGB uint8 heat map (same size as ``image``) over ``image``."""
+def blend(image: Image.Image, heat: np.ndarray, alpha: float = 0.5, weights: np.ndarray | None = None) -> Image.Image:
+    """Alpha-blend an RGB uint8 heat map (same size as ``image``) over ``image``.
+
+    With ``weights`` (H, W in [0, 1]) the opacity is ``alpha * weights`` per pixel, so the image
+    stays visible where the map is low and the heat colour covers it where the map is high.
+    """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     base = np.asarray(image.convert("RGB"), dtype=np.float32)
-    mixed = (1.0 - alpha) * base + alpha * heat.astype(np.float32)
+    opacity = alpha if weights is None else (alpha * np.clip(weights, 0.0, 1.0))[..., None]
+    mixed = (1.0 - opacity) * base + opacity * heat.astype(np.float32)
     return Image.fromarray(np.clip(mixed + 0.5, 0, 255).astype(np.uint8))
 
 
@@ -105,7 +110,7 @@ def concept_figure(
     *,
     compare: "ConceptMaps | None" = None,  # noqa: F821
     batch_index: int = 0,
-    alpha: float = 0.5,
+    alpha: float = 0.8,
     cmap: str = DEFAULT_CMAP,
     normalize_mode: Normalization = "per_concept",
     panel_size: float = 2.2,

@@ -52,8 +52,10 @@ def test_to_pil_and_overlay_sizes():
     assert over.size == (90, 60)
     # alpha 0 returns the image, alpha 1 the heat map
     assert np.array_equal(np.asarray(maps.overlay(image, "sky", alpha=0.0)), np.asarray(image))
-    full = np.asarray(maps.overlay(image, "sky", alpha=1.0))
-    assert np.array_equal(full, np.asarray(maps.to_pil("sky", size=(60, 90))))
+    full = np.asarray(maps.overlay(image, "sky", alpha=1.0)).astype(int)
+    heat = np.asarray(maps.to_pil("sky", size=(60, 90))).astype(int)
+    peak = np.unravel_index(maps.upsample((60, 90))[0, 2].argmax(), (60, 90))
+    assert np.abs(full[peak] - heat[peak]).max() <= 1  # fully covered where the map peaks
     with pytest.raises(ValueError, match="alpha"):
         maps.overlay(image, "sky", alpha=2)
 

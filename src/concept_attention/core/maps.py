@@ -168,14 +168,22 @@ class ConceptMaps:
         image: Image.Image | np.ndarray | torch.Tensor,
         concept: str | int,
         batch_index: int = 0,
-        alpha: float = 0.5,
+        alpha: float = 0.8,
         cmap: str = viz.DEFAULT_CMAP,
         normalize: viz.Normalization = "per_concept",
     ) -> Image.Image:
-        """The concept's heat map, bilinearly upsampled to the image size, blended over it."""
+        """The concept's heat map, bilinearly upsampled to the image size, blended over the image.
+
+        Opacity grows with the map value (``alpha`` at the peak, ``0.35·alpha`` at the minimum), so
+        the image stays readable where the concept is absent.
+        """
         base = viz.to_rgb_image(image)
-        heat = self.to_pil(concept, batch_index, size=(base.height, base.width), cmap=cmap, normalize=normalize)
-        return viz.blend(base, np.asarray(heat), alpha)
+        values = self._normalized_for(normalize)[batch_index, self.index(concept)]
+        if values.dim() != 2:
+            raise ValueError("overlay works on image maps; select a frame of video maps first")
+        values = viz.upsample(values, (base.height, base.width)).clamp(0, 1)
+        heat = viz.colorize(values, cmap)
+        return viz.blend(base, heat, alpha, weights=0.35 + 0.65 * values.numpy())
 
     def _normalized_for(self, mode: viz.Normalization) -> torch.Tensor:
         return viz.normalize(self.tensor, mode)
@@ -186,7 +194,7 @@ class ConceptMaps:
         *,
         compare: "ConceptMaps | str | None" = "auto",
         batch_index: int = 0,
-        alpha: float = 0.5,
+        alpha: float = 0.8,
         cmap: str = viz.DEFAULT_CMAP,
         normalize: viz.Normalization = "per_concept",
     ):
@@ -221,7 +229,7 @@ class ConceptMaps:
         *,
         batch_index: int = 0,
         cmap: str = viz.DEFAULT_CMAP,
-        alpha: float = 0.5,
+        alpha: float = 0.8,
         figure: bool = True,
         frames: Any = None,
         fps: float = 8.0,
