@@ -94,3 +94,19 @@ def test_two_process_accelerate_run_equals_one_process(tmp_path, tiny_model_dir)
 
 def read_records_file(path):
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_synthetic_scene_tasks(tmp_path, tiny_model_dir):
+    from concept_attention.evaluation.scenes import SceneSegmentation
+
+    scenes = SceneSegmentation("shape", count=5)
+    sample = scenes[0]
+    assert sample.class_names == ["circle", "square", "triangle", "cross"] and scenes.num_classes == 5
+    assert set(sample.mask.flatten().tolist()) - {0} <= {1, 2, 3, 4} and (sample.mask > 0).any()
+    assert scenes[0].id == SceneSegmentation("shape", count=5)[0].id  # fixed seeds
+    out = tmp_path / "scenes"
+    assert main(["--dataset", "scenes-colour", "--model", str(tiny_model_dir), "--out", str(out),
+                 "--limit", "2", "--layers", "2-3"]) == 0
+    records = read_records(out)
+    assert len(records) == 2 and records[0]["concepts"] == ["red", "green", "blue", "yellow", "grass", "sky", "wall"]
+    assert "| Method | Acc ↑ | mIoU ↑ | images |" in (out / "table.md").read_text()
