@@ -104,6 +104,30 @@ class ModelAdapter(ABC):
         """Transformer keyword arguments for noised latents of ``pixels`` (1, 3, H, W in [-1, 1])."""
         raise NotImplementedError(f"explaining real images is not supported for the {self.family} family yet")
 
+    def noised_latents(
+        self,
+        pipeline: Any,
+        pixels: torch.Tensor,
+        timestep: float,
+        noise: torch.Tensor | None,
+        num_samples: int,
+        generator: torch.Generator,
+    ) -> torch.Tensor:
+        """VAE latents of ``pixels`` (with the VAE's shift/scaling), noised by flow matching.
+
+        ``x_t = (1 - t)·x_0 + t·noise`` for ``num_samples`` noise draws: (num_samples, C, h, w).
+        """
+        vae, transformer = pipeline.vae, self.transformer
+        device, dtype = transformer.device, transformer.dtype
+        with torch.no_grad():
+            encoded = vae.encode(pixels.to(device=device, dtype=vae.dtype)).latent_dist.mode()
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        latents = ((encoded - shift) * vae.config.scaling_factor).to(dtype)
+        latents = latents.expand(num_samples, *latents.shape[1:])
+        if noise is None:
+            noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
+        return (1.0 - timestep) * latents + timestep * noise
+
     def last_module_for(self, layer: int) -> nn.Module:
         """The module after which nothing is needed once ``layer``'s maps are recorded (early exit)."""
         return self.dual_blocks[layer]

@@ -85,16 +85,9 @@ class ChromaAdapter(FluxAdapter):
         generator: torch.Generator,
         max_sequence_length: int | None,
     ) -> dict[str, Any]:
-        vae, transformer = pipeline.vae, self.transformer
+        transformer = self.transformer
         device, dtype = transformer.device, transformer.dtype
-        with torch.no_grad():
-            encoded = vae.encode(pixels.to(device=device, dtype=vae.dtype)).latent_dist.mode()
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        latents = ((encoded - shift) * vae.config.scaling_factor).to(dtype)
-        latents = latents.expand(num_samples, -1, -1, -1)
-        if noise is None:
-            noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
-        noised = (1.0 - timestep) * latents + timestep * noise
+        noised = self.noised_latents(pipeline, pixels, timestep, noise, num_samples, generator)
         batch, channels, height, width = noised.shape
         packed = pipeline._pack_latents(noised, batch, channels, height, width)
         image_ids = pipeline._prepare_latent_image_ids(batch, height // 2, width // 2, device, dtype)

@@ -326,16 +326,9 @@ class SD3Adapter(ModelAdapter):
         generator: torch.Generator,
         max_sequence_length: int | None,
     ) -> dict[str, Any]:
-        vae, transformer = pipeline.vae, self.transformer
+        transformer = self.transformer
         device, dtype = transformer.device, transformer.dtype
-        with torch.no_grad():
-            encoded = vae.encode(pixels.to(device=device, dtype=vae.dtype)).latent_dist.mode()
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        latents = ((encoded - shift) * vae.config.scaling_factor).to(dtype)
-        latents = latents.expand(num_samples, -1, -1, -1)
-        if noise is None:
-            noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
-        noised = (1.0 - timestep) * latents + timestep * noise
+        noised = self.noised_latents(pipeline, pixels, timestep, noise, num_samples, generator)
         length = int(max_sequence_length or _call_default(pipeline, "max_sequence_length") or 256)
         with torch.no_grad():
             prompt_embeds, _, pooled, _ = pipeline.encode_prompt(
