@@ -1,5 +1,6 @@
 """Tests of the VOC and ImageNet-Segmentation loaders (real VOC samples, HDF5 fixture)."""
 
+import inspect
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -39,7 +40,16 @@ EXPECTED_VOC = {
     "sample_0582": ["motorbike", "person"],
 }
 
-needs_voc = pytest.mark.skipif(not VOC_SAMPLES.is_dir(), reason="shared VOC samples missing")
+def needs_voc(test):
+    """The shared VOC samples live beside the repository (../shared); fail loudly if they are missing."""
+
+    def checked(*args, **kwargs):
+        assert VOC_SAMPLES.is_dir(), f"the shared VOC samples are missing at {VOC_SAMPLES}"
+        return test(*args, **kwargs)
+
+    checked.__name__ = test.__name__
+    checked.__signature__ = inspect.signature(test)
+    return checked
 
 
 # ------------------------------------------------------------------------------------------
