@@ -20,6 +20,7 @@ from torch import nn
 
 from ..core.scoring import BlockActivations, concept_attention
 from .base import ModelAdapter, register_adapter
+from .wrapping import WrappingProcessor
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..core.session import CallState, ConceptAttention
@@ -32,49 +33,11 @@ def _known_processor_classes() -> tuple[type, ...]:
     return tuple(getattr(transformer_flux, n) for n in names if hasattr(transformer_flux, n))
 
 
-class _Capture:
-    """Collects the original processor's intermediate tensors through sub-module hooks."""
-
-    def __init__(self) -> None:
-        self.enabled = False
-        self.image_key: torch.Tensor | None = None
-        self.image_value: torch.Tensor | None = None
-        self.image_output: torch.Tensor | None = None
-
-    def clear(self) -> None:
-        self.image_key = self.image_value = self.image_output = None
-
-    def on_norm_k(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        if self.enabled:
-            self.image_key = output
-
-    def on_to_v(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        if self.enabled:
-            self.image_value = output
-
-    def on_to_qkv(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        if self.enabled:
-            self.image_value = output.chunk(3, dim=-1)[2]
-
-    def on_to_out(self, module: nn.Module, args: tuple) -> None:
-        if self.enabled:
-            self.image_output = args[0]
-
-
-class FluxConceptProcessor:
+class FluxConceptProcessor(WrappingProcessor):
     """Wraps a block's original Flux attention processor and runs the concept stream beside it.
 
     Returns exactly what the original processor returns; all concept state lives on the session.
     """
-
-    def __init__(self, inner: Any, block: nn.Module, block_index: int, session: "ConceptAttention") -> None:
-        self.inner = inner
-        self.block = block
-        self.block_index = block_index
-        self.session = session
-        self.capture = _Capture()
-        self._qkv_hooked: nn.Module | None = None
-        self._handles: list[Any] = []
 
     # diffusers filters attention kwargs by this signature: keep it identical to FluxAttnProcessor.
     def __call__(
@@ -85,57 +48,13 @@ class FluxConceptProcessor:
         attention_mask: torch.Tensor | None = None,
         image_rotary_emb: Any = None,
     ) -> Any:
-        call = self.session.current_call
-        if call is None or encoder_hidden_states is None or call.concepts is None:
-            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-        self._hook_fused_projection(attn)
-        self.capture.enabled = True
-        try:
-            outputs = self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-        finally:
-            self.capture.enabled = False
-        try:
-            with torch.no_grad():
-                self._concept_step(attn, call, encoder_hidden_states.shape[1], image_rotary_emb)
-        finally:
-            self.capture.clear()
-        return outputs
+        return self._run(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, {})
 
-    def hook(self, attn: nn.Module) -> None:
-        self._handles += [
-            attn.norm_k.register_forward_hook(self.capture.on_norm_k),
-            attn.to_v.register_forward_hook(self.capture.on_to_v),
-            attn.to_out[0].register_forward_pre_hook(self.capture.on_to_out),
-        ]
-
-    def unhook(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        self._qkv_hooked = None
-
-    def _hook_fused_projection(self, attn: nn.Module) -> None:
-        fused = getattr(attn, "to_qkv", None) if getattr(attn, "fused_projections", False) else None
-        if fused is not None and fused is not self._qkv_hooked:
-            self._handles.append(fused.register_forward_hook(self.capture.on_to_qkv))
-            self._qkv_hooked = fused
-
-    def _concept_step(self, attn: nn.Module, call: "CallState", text_len: int, rotary: Any) -> None:
-        capture, block, session = self.capture, self.block, self.session
-        if capture.image_key is None or capture.image_value is None or capture.image_output is None:
-            raise RuntimeError(
-                "the Flux attention processor did not expose image keys/values/outputs as expected; "
-                "this diffusers version is not supported by the FLUX adapter"
-            )
+    def _concept_step(self, attn: nn.Module, call: "CallState", text_len: int, rotary: Any,
+                      extra: dict[str, Any]) -> None:
+        block, session = self.block, self.session
         head_dim = attn.head_dim
-        image_key = capture.image_key
-        if rotary is not None:
-            from diffusers.models.embeddings import apply_rotary_emb
-
-            cos, sin = rotary
-            image_key = apply_rotary_emb(image_key, (cos[text_len:], sin[text_len:]), sequence_dim=1)
-        image_value = capture.image_value.unflatten(-1, (-1, head_dim))
-        image_output = capture.image_output.unflatten(-1, (-1, head_dim))
+        image_key, image_value, image_output = self.image_activations(attn, text_len, rotary)
 
         concepts = call.concepts
         temb = call.extras["concept_temb"]

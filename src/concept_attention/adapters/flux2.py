@@ -53,7 +53,8 @@ from torch import nn
 
 from ..core.scoring import BlockActivations, concept_attention
 from .base import ModelAdapter, register_adapter
-from .flux import _call_default, _Capture
+from .flux import _call_default
+from .wrapping import WrappingProcessor
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..core.session import CallState, ConceptAttention
@@ -68,20 +69,13 @@ def _known_processor_classes() -> tuple[type, ...]:
     return tuple(getattr(transformer_flux2, n) for n in names if hasattr(transformer_flux2, n))
 
 
-class Flux2ConceptProcessor:
+class Flux2ConceptProcessor(WrappingProcessor):
     """Wraps a dual block's original FLUX.2 processor and runs the concept stream beside it.
 
     Returns exactly what the original processor returns; all concept state lives on the session.
     """
 
-    def __init__(self, inner: Any, block: nn.Module, block_index: int, session: "ConceptAttention") -> None:
-        self.inner = inner
-        self.block = block
-        self.block_index = block_index
-        self.session = session
-        self.capture = _Capture()
-        self._qkv_hooked: nn.Module | None = None
-        self._handles: list[Any] = []
+    family_label = "FLUX.2"
 
     # diffusers filters attention kwargs by this signature: keep it identical to Flux2AttnProcessor.
     def __call__(
@@ -94,69 +88,15 @@ class Flux2ConceptProcessor:
     ) -> Any:
         return self._run(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, {})
 
-    def _run(
-        self,
-        attn: nn.Module,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None,
-        attention_mask: torch.Tensor | None,
-        image_rotary_emb: Any,
-        extra: dict[str, Any],
-    ) -> Any:
-        call = self.session.current_call
-        if call is None or encoder_hidden_states is None or call.concepts is None:
-            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, **extra)
-        self._hook_fused_projection(attn)
-        self.capture.enabled = True
-        try:
-            outputs = self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, **extra)
-        finally:
-            self.capture.enabled = False
-        try:
-            with torch.no_grad():
-                self._concept_step(attn, call, encoder_hidden_states.shape[1], image_rotary_emb, extra)
-        finally:
-            self.capture.clear()
-        return outputs
-
-    def hook(self, attn: nn.Module) -> None:
-        self._handles += [
-            attn.norm_k.register_forward_hook(self.capture.on_norm_k),
-            attn.to_v.register_forward_hook(self.capture.on_to_v),
-            attn.to_out[0].register_forward_pre_hook(self.capture.on_to_out),
-        ]
-
-    def unhook(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        self._qkv_hooked = None
-
-    def _hook_fused_projection(self, attn: nn.Module) -> None:
-        fused = getattr(attn, "to_qkv", None) if getattr(attn, "fused_projections", False) else None
-        if fused is not None and fused is not self._qkv_hooked:
-            self._handles.append(fused.register_forward_hook(self.capture.on_to_qkv))
-            self._qkv_hooked = fused
-
     def _concept_step(
         self, attn: nn.Module, call: "CallState", text_len: int, rotary: Any, extra: dict[str, Any]
     ) -> None:
         from diffusers.models.embeddings import apply_rotary_emb
         from diffusers.models.transformers.transformer_flux2 import Flux2Modulation
 
-        capture, block, session = self.capture, self.block, self.session
-        if capture.image_key is None or capture.image_value is None or capture.image_output is None:
-            raise RuntimeError(
-                "the FLUX.2 attention processor did not expose image keys/values/outputs as expected; "
-                "this diffusers version is not supported by the FLUX.2 adapter"
-            )
+        block, session = self.block, self.session
         head_dim = attn.head_dim
-        image_key = capture.image_key
-        if rotary is not None:
-            cos, sin = rotary
-            image_key = apply_rotary_emb(image_key, (cos[text_len:], sin[text_len:]), sequence_dim=1)
-        image_value = capture.image_value.unflatten(-1, (-1, head_dim))
-        image_output = capture.image_output.unflatten(-1, (-1, head_dim))
+        image_key, image_value, image_output = self.image_activations(attn, text_len, rotary)
         offset = int(call.extras.get("map_offset", 0))
         if offset:  # reference tokens before the generated ones (KV extract step): generated first
             image_key, image_value, image_output = (
