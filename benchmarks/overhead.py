@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 
 import concept_attention.adapters.flux as flux_adapter
+import concept_attention.core.session as session_module
 from concept_attention import ConceptAttention
-from concept_attention.core import scoring
 
 WIDTH, HEADS, HEAD_DIM, TEXT_TOKENS, T5_DIM = 3072, 24, 128, 512, 4096
 
@@ -129,19 +129,19 @@ def time_block(model, inputs, variant: str, concepts: list[str], embeds) -> tupl
     flux_adapter.FluxConceptProcessor._concept_step = timed_step
     pre = block.register_forward_pre_hook(lambda m, a: stamps.__setitem__("start", time.perf_counter()))
     post = block.register_forward_hook(lambda m, a, o: stamps.__setitem__("end", time.perf_counter()))
-    original = flux_adapter.concept_attention
+    original = session_module.concept_attention
     try:
         with torch.inference_mode(), PeakRSS() as memory:
             if variant == "plain":
                 model(**inputs)
             else:
                 if variant == "naive":
-                    flux_adapter.concept_attention = naive_concept_attention
+                    session_module.concept_attention = naive_concept_attention
                 with ConceptAttention(model, concepts, concept_embeds=embeds, layers=[0, 1]) as ca:
                     model(**inputs)
                 ca.maps  # noqa: B018 (build the result as a user would)
     finally:
-        flux_adapter.concept_attention = original
+        session_module.concept_attention = original
         flux_adapter.FluxConceptProcessor._concept_step = step
         pre.remove()
         post.remove()

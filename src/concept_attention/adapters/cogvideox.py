@@ -33,7 +33,6 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 from torch import nn
 
-from ..core.scoring import BlockActivations, concept_attention
 from .base import ModelAdapter, register_adapter
 from .flux import _call_default, encode_with_t5
 
@@ -178,26 +177,8 @@ class CogVideoXConceptProcessor:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
-        concept_output = concept_attention(
-            query,
-            key,
-            value,
-            image_key,
-            image_value,
-            cross_attention=session.concept_cross_attention,
-            self_attention=session.concept_self_attention,
-        )
-        session.record(
-            self.block_index,
-            BlockActivations(
-                concept_query=query,
-                concept_key=key,
-                concept_value=value,
-                image_key=image_key,
-                image_value=image_value,
-                image_output=image_output,
-                concept_output=concept_output,
-            ),
+        concept_output = session.attend_and_record(
+            self.block_index, query, key, value, image_key, image_value, image_output
         )
         # Residual update with the shared weights and the text (enc_*) modulation.
         attended = attn.to_out[1](attn.to_out[0](concept_output.flatten(2).to(concepts.dtype)))

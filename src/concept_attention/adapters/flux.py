@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 from torch import nn
 
-from ..core.scoring import BlockActivations, concept_attention
 from .base import ModelAdapter, register_adapter
 from .wrapping import WrappingProcessor
 
@@ -62,26 +61,8 @@ class FluxConceptProcessor(WrappingProcessor):
         query = attn.norm_added_q(attn.add_q_proj(normed).unflatten(-1, (-1, head_dim)))
         key = attn.norm_added_k(attn.add_k_proj(normed).unflatten(-1, (-1, head_dim)))
         value = attn.add_v_proj(normed).unflatten(-1, (-1, head_dim))
-        concept_output = concept_attention(
-            query,
-            key,
-            value,
-            image_key,
-            image_value,
-            cross_attention=session.concept_cross_attention,
-            self_attention=session.concept_self_attention,
-        )
-        session.record(
-            self.block_index,
-            BlockActivations(
-                concept_query=query,
-                concept_key=key,
-                concept_value=value,
-                image_key=image_key,
-                image_value=image_value,
-                image_output=image_output,
-                concept_output=concept_output,
-            ),
+        concept_output = session.attend_and_record(
+            self.block_index, query, key, value, image_key, image_value, image_output
         )
         if self.block_index >= session.last_layer:
             return  # no later block reads the concept rows: skip their update

@@ -51,7 +51,6 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 from torch import nn
 
-from ..core.scoring import BlockActivations, concept_attention
 from .base import ModelAdapter, register_adapter
 from .flux import _call_default
 from .wrapping import WrappingProcessor
@@ -120,26 +119,8 @@ class Flux2ConceptProcessor(WrappingProcessor):
         if rotary is not None and concept_rotary is not None:
             query = apply_rotary_emb(query, concept_rotary, sequence_dim=1)
             key = apply_rotary_emb(key, concept_rotary, sequence_dim=1)
-        concept_output = concept_attention(
-            query,
-            key,
-            value,
-            image_key,
-            image_value,
-            cross_attention=session.concept_cross_attention,
-            self_attention=session.concept_self_attention,
-        )
-        session.record(
-            self.block_index,
-            BlockActivations(
-                concept_query=query,
-                concept_key=key,
-                concept_value=value,
-                image_key=image_key,
-                image_value=image_value,
-                image_output=image_output,
-                concept_output=concept_output,
-            ),
+        concept_output = session.attend_and_record(
+            self.block_index, query, key, value, image_key, image_value, image_output
         )
         # Residual update of the concept rows with the block's text-stream weights.
         attended = attn.to_add_out(concept_output.flatten(2).to(concepts.dtype))

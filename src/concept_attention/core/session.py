@@ -14,7 +14,9 @@ from ..adapters import resolve_adapter
 from ..adapters.base import ModelAdapter
 from ..loading import pipeline_defaults
 from .maps import ConceptMaps
-from .scoring import SPACES, BlockActivations, ConceptGroups, RunningMaps, concept_maps, token_scores
+from .scoring import (
+    SPACES, BlockActivations, ConceptGroups, RunningMaps, concept_attention, concept_maps, token_scores,
+)
 
 MANY_PIECES = 4
 """Warn when a concept is split into more token pieces than this."""
@@ -353,6 +355,28 @@ class ConceptAttention:
 
     def wants_maps(self, block_index: int) -> bool:
         return block_index in self._sums._position  # type: ignore[union-attr]
+
+    def attend_and_record(
+        self,
+        block_index: int,
+        concept_query: torch.Tensor,
+        concept_key: torch.Tensor,
+        concept_value: torch.Tensor,
+        image_key: torch.Tensor,
+        image_value: torch.Tensor,
+        image_output: torch.Tensor,
+    ) -> torch.Tensor:
+        """Concept attention with this session's ablation switches, then :meth:`record`; returns ``o_c``."""
+        concept_output = concept_attention(
+            concept_query, concept_key, concept_value, image_key, image_value,
+            cross_attention=self.concept_cross_attention, self_attention=self.concept_self_attention,
+        )
+        self.record(block_index, BlockActivations(
+            concept_query=concept_query, concept_key=concept_key, concept_value=concept_value,
+            image_key=image_key, image_value=image_value, image_output=image_output,
+            concept_output=concept_output,
+        ))
+        return concept_output
 
     def record(self, block_index: int, activations: BlockActivations) -> None:
         """Score one block's activations in every requested space and add to the running sums."""
