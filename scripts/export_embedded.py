@@ -5,7 +5,7 @@
       --out src/concept_attention/models/embedded
 
 Writes ``FluxPipeline.save_pretrained`` layout (safetensors). ``--fp16`` stores fp16 weights
-(``concept_attention.embedded.load_pipeline`` loads them back as fp32); by default fp32 (~17 MB).
+(``concept_attention.load_pipeline`` loads them back as fp32); by default fp32 (~17 MB).
 """
 from __future__ import annotations
 

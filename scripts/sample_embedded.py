@@ -76,7 +76,7 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.pipeline:
-        from concept_attention.embedded import load_pipeline
+        from concept_attention import load_pipeline
         pipe = load_pipeline(args.pipeline)
         tag = args.pipeline
     else:

@@ -211,11 +211,54 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--save-minutes", type=float, default=5.0)
     ap.add_argument("--log-every", type=int, default=20)
+    ap.add_argument("--zero-pooled", action="store_true",
+                    help="switch off the pooled CLIP pathway (zero, frozen text_embedder.linear_1), so the prompt "
+                         "conditions the image only through T5 tokens in attention; sticky once in a checkpoint")
+    ap.add_argument("--freeze-t5", action="store_true",
+                    help="reset the T5 encoder to its seeded initial weights and freeze it (a fixed prompt encoder, as "
+                         "FLUX.1 trains with a frozen T5); sticky once in a checkpoint")
+    ap.add_argument("--decay-start", type=int, default=0,
+                    help="step where the learning rate starts a linear decay (0 = constant after warm-up)")
+    ap.add_argument("--decay-steps", type=int, default=0, help="length of the linear decay")
+    ap.add_argument("--lr-final", type=float, default=1e-4, help="learning rate at the end of the decay")
     return ap.parse_args(argv)
 
 
 def lr_at(step, args):
-    return args.lr * min(1.0, (step + 1) / max(1, args.warmup))
+    lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
+    if args.decay_steps > 0 and step >= args.decay_start:
+        frac = min(1.0, (step - args.decay_start) / args.decay_steps)
+        lr = args.lr + frac * (args.lr_final - args.lr)
+    return lr
+
+
+def pooled_layer(pipe):
+    """The first linear layer of the transformer's pooled-text projection."""
+    return pipe.transformer.time_text_embed.text_embedder.linear_1
+
+
+def zero_pooled_pathway(pipe, ema, params):
+    """Zero and freeze the pooled-text projection (model and EMA); the CLIP encoder then gets no gradient."""
+    layer = pooled_layer(pipe)
+    with torch.no_grad():
+        for p, e in zip(params, ema):
+            if p is layer.weight or p is layer.bias:
+                p.zero_()
+                e.zero_()
+    layer.requires_grad_(False)
+    pipe.text_encoder.requires_grad_(False)
+
+
+def freeze_t5(pipe, ema, params, initial_state):
+    """Put the T5 encoder back to ``initial_state`` (model and EMA) and freeze it."""
+    encoder = pipe.text_encoder_2
+    encoder.load_state_dict(initial_state)
+    t5_params = {id(p) for p in encoder.parameters()}
+    with torch.no_grad():
+        for p, e in zip(params, ema):
+            if id(p) in t5_params:
+                e.copy_(p)
+    encoder.requires_grad_(False)
 
 
 def main(argv=None):
@@ -231,6 +274,7 @@ def main(argv=None):
     pipe = load_models(args.vae, args.seed)
     for name in TRAINABLE:
         getattr(pipe, name).train().requires_grad_(True)
+    initial_t5 = {k: v.clone() for k, v in pipe.text_encoder_2.state_dict().items()}
     params = trainable_params(pipe)
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
 
@@ -257,6 +301,22 @@ def main(argv=None):
         ema = [p.detach().clone() for p in params]
         with open(loss_csv, "w", newline="") as f:
             csv.writer(f).writerow(["step", "wall_seconds", "loss", "lr"])
+    previous = ckpt["args"] if args.resume and last.exists() else {}
+    history = list(previous.get("history", []))
+    for flag in ("zero_pooled", "freeze_t5"):
+        if previous.get(flag):
+            setattr(args, flag, True)
+        elif getattr(args, flag):
+            history.append({"step": step, "change": flag})
+    args.history = history
+    if args.zero_pooled:
+        zero_pooled_pathway(pipe, ema, params)
+        print("pooled CLIP pathway: off (zero, frozen)", flush=True)
+    if args.freeze_t5 and not previous.get("freeze_t5"):
+        freeze_t5(pipe, ema, params, initial_t5)
+    if args.freeze_t5:
+        pipe.text_encoder_2.requires_grad_(False)
+        print("T5 encoder: frozen at its seeded initial weights", flush=True)
     (ckpt_dir / "args.json").write_text(json.dumps({**vars(args), "start_step": step}, indent=2))
 
     stop = {"flag": False}
@@ -291,7 +351,7 @@ def main(argv=None):
             loss = flow_loss(pipe, images, captions)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+            torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], args.grad_clip)
             opt.step()
             step += 1
             decay = min(args.ema, (1 + step) / (10 + step))

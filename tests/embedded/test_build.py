@@ -8,8 +8,8 @@ import torch
 
 from concept_attention.embedded import (
     DEFAULT_SIZE, MAX_SEQUENCE_LENGTH, VOCAB_WORDS, build_clip_text_model, build_clip_tokenizer, build_pipeline, build_t5_tokenizer,
-    load_pipeline,
 )
+from concept_attention.loading import load_pipeline
 from concept_attention.scenes import BACKGROUNDS, CAPTION_WORDS, COLOURS, SHAPES
 
 

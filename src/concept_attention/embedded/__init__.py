@@ -2,11 +2,11 @@
 from .build import (
     CLIP_MAX_LENGTH, DEFAULT_SIZE, MAX_SEQUENCE_LENGTH, VOCAB_WORDS, assemble_pipeline,
     build_clip_text_model, build_clip_tokenizer, build_pipeline, build_scheduler, build_t5_encoder,
-    build_t5_tokenizer, build_transformer, build_vae, finalize_pipeline, load_pipeline,
+    build_t5_tokenizer, build_transformer, build_vae, finalize_pipeline,
 )
 
 __all__ = [
     "CLIP_MAX_LENGTH", "DEFAULT_SIZE", "MAX_SEQUENCE_LENGTH", "VOCAB_WORDS", "assemble_pipeline",
     "build_clip_text_model", "build_clip_tokenizer", "build_pipeline", "build_scheduler", "build_t5_encoder",
-    "build_t5_tokenizer", "build_transformer", "build_vae", "finalize_pipeline", "load_pipeline",
+    "build_t5_tokenizer", "build_transformer", "build_vae", "finalize_pipeline",
 ]

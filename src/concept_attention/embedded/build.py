@@ -201,10 +201,3 @@ def build_pipeline(seed: int = 0, vae=None):
         text_encoder_2=build_t5_encoder(tok2, seed + 3), tokenizer_2=tok2,
     )
 
-
-def load_pipeline(path, dtype=torch.float32):
-    """``FluxPipeline.from_pretrained(path)`` in fp32 and eval mode (weights may be stored fp16)."""
-    from diffusers import FluxPipeline
-
-    pipe = FluxPipeline.from_pretrained(str(path), dtype=dtype)
-    return finalize_pipeline(pipe)

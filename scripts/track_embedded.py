@@ -1,0 +1,95 @@
+#!/usr/bin/env python
+"""Append one point of the embedded model's training curve: loss and concept-map quality at a checkpoint.
+
+Exports the checkpoint's EMA weights to a temporary pipeline, runs ``benchmarks/scenes.py`` on
+``--scenes`` held-out scenes (both tasks, caption and empty prompt) and, with ``--generated``,
+``benchmarks/generated_shapes.py``; then appends a JSON line to ``--curve`` with the step, the
+training wall time, the mean loss of the last 200 steps and, per task, the ConceptAttention scores
+of the default blocks and of the best single block.
+
+  python scripts/track_embedded.py --ckpt checkpoints/embedded/last.pt --scenes 40 --generated
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def recent_loss(loss_csv: Path, step: int, window: int = 200) -> float | None:
+    if not loss_csv.is_file():
+        return None
+    with open(loss_csv) as f:
+        values = [float(r["loss"]) for r in csv.DictReader(f) if step - window < int(r["step"]) <= step]
+    return sum(values) / len(values) if values else None
+
+
+def summarise(results: dict, task: str, prompt: str) -> dict:
+    """Default-block and best-single-block ConceptAttention scores for one task and prompt."""
+    default = results[f"{task}|{prompt}|ConceptAttention (default blocks)"]
+    blocks = {key.rsplit(" ", 1)[1]: value for key, value in results.items()
+              if key.startswith(f"{task}|{prompt}|ConceptAttention block ")}
+    best = max(blocks, key=lambda b: blocks[b]["identity"])
+    pick = ("identity", "miou", "acc")
+    return {"default": {k: round(default[k], 4) for k in pick},
+            "best_block": int(best), "best": {k: round(blocks[best][k], 4) for k in pick}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--ckpt", default="checkpoints/embedded/last.pt")
+    ap.add_argument("--scenes", type=int, default=40)
+    ap.add_argument("--curve", default="checkpoints/embedded/curve.jsonl")
+    ap.add_argument("--generated", action="store_true", help="also score generated one-object shapes")
+    ap.add_argument("--loss-csv", default=None, help="loss log (default: loss.csv beside the checkpoint)")
+    ap.add_argument("--keep", default=None, help="keep the exported pipeline in this directory")
+    args = ap.parse_args()
+
+    import torch
+
+    from export_embedded import export
+
+    ckpt = torch.load(args.ckpt, map_location="cpu", weights_only=False)
+    step, wall = int(ckpt["step"]), float(ckpt["wall_seconds"])
+    del ckpt
+    work = Path(tempfile.mkdtemp(prefix="track-embedded-"))
+    model_dir = Path(args.keep) if args.keep else work / "model"
+    export(args.ckpt, str(model_dir))
+    defaults = ROOT / "src" / "concept_attention" / "models" / "embedded" / "concept_attention.json"
+    shutil.copy(defaults, model_dir / "concept_attention.json")
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "scenes.py"), "--model", str(model_dir),
+                    "--scenes", str(args.scenes), "--out", str(work / "scenes")], check=True, env=env,
+                   stdout=subprocess.DEVNULL)
+    results = json.loads((work / "scenes" / "scenes.json").read_text())["results"]
+    point = {"step": step, "hours": round(wall / 3600, 3),
+             "loss": recent_loss(Path(args.loss_csv or Path(args.ckpt).parent / "loss.csv"), step), "scenes": args.scenes}
+    for task in ("colour", "shape"):
+        for prompt in ("empty", "caption"):
+            point[f"{task}|{prompt}"] = summarise(results, task, prompt)
+    if args.generated:
+        out = work / "generated.json"
+        subprocess.run([sys.executable, str(ROOT / "benchmarks" / "generated_shapes.py"), "--model",
+                        str(model_dir), "--out", str(out)], check=True, env=env, stdout=subprocess.DEVNULL)
+        generated = json.loads(out.read_text())
+        point["generated_right_shape"] = generated.get("right_shape_rate")
+        point["generated_right_colour"] = generated.get("right_colour_rate")
+    with open(args.curve, "a") as f:
+        f.write(json.dumps(point) + "\n")
+    print(json.dumps(point, indent=1))
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

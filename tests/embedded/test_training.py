@@ -1,0 +1,73 @@
+"""The embedded model's training script: resumable, sticky recipe switches, frozen parts stay frozen."""
+import csv
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+VAE = ROOT / "checkpoints" / "embedded" / "vae"
+
+
+@pytest.fixture(scope="module")
+def train_module():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    spec = importlib.util.spec_from_file_location("train_embedded", ROOT / "scripts" / "train_embedded.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    yield module
+    sys.path.remove(str(ROOT / "scripts"))
+
+
+def run(module, ckpt_dir, *extra):
+    module.main(["--ckpt-dir", str(ckpt_dir), "--vae", str(VAE), "--batch-size", "2", "--workers", "0",
+                 "--threads", "1", "--warmup", "2", *extra])
+
+
+def loss_rows(ckpt_dir):
+    with open(ckpt_dir / "loss.csv") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.skipif(not VAE.is_dir(), reason="needs the trained VAE of this repository")
+def test_resume_continues_and_switches_are_sticky(train_module, tmp_path):
+    run(train_module, tmp_path, "--max-steps", "2")
+    assert [int(r["step"]) for r in loss_rows(tmp_path)] == [1, 2]
+    first = torch.load(tmp_path / "last.pt", map_location="cpu", weights_only=False)
+    assert first["step"] == 2 and not first["args"]["freeze_t5"]
+
+    run(train_module, tmp_path, "--resume", "--max-steps", "4", "--zero-pooled", "--freeze-t5")
+    run(train_module, tmp_path, "--resume", "--max-steps", "5")  # flags not repeated: still on
+    rows = loss_rows(tmp_path)
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5]
+    assert all(float(r["loss"]) > 0 for r in rows)
+    last = torch.load(tmp_path / "last.pt", map_location="cpu", weights_only=False)
+    assert last["step"] == 5
+    assert last["args"]["zero_pooled"] and last["args"]["freeze_t5"]
+    assert last["args"]["history"] == [{"step": 2, "change": "zero_pooled"}, {"step": 2, "change": "freeze_t5"}]
+
+    # the frozen T5 is exactly the seeded initial encoder, the pooled projection exactly zero
+    fresh = train_module.load_models(str(VAE), seed=0)
+    for name, value in fresh.text_encoder_2.state_dict().items():
+        assert torch.equal(last["model"]["text_encoder_2"][name], value), name
+    pooled = last["model"]["transformer"]
+    assert not pooled["time_text_embed.text_embedder.linear_1.weight"].any()
+    assert not pooled["time_text_embed.text_embedder.linear_1.bias"].any()
+    # ... and so are their EMA copies
+    pipe = train_module.load_ema_pipeline(tmp_path / "last.pt", str(VAE))
+    assert not pipe.transformer.time_text_embed.text_embedder.linear_1.weight.any()
+    for name, value in fresh.text_encoder_2.state_dict().items():
+        assert torch.equal(pipe.text_encoder_2.state_dict()[name], value), name
+    # the transformer did train
+    assert not torch.equal(pooled["x_embedder.weight"], first["model"]["transformer"]["x_embedder.weight"])
+
+
+def test_learning_rate_schedule(train_module):
+    args = train_module.parse_args(["--lr", "1e-3", "--warmup", "10", "--decay-start", "100", "--decay-steps", "50",
+                                    "--lr-final", "1e-4"])
+    assert train_module.lr_at(0, args) == pytest.approx(1e-4)
+    assert train_module.lr_at(50, args) == pytest.approx(1e-3)
+    assert train_module.lr_at(125, args) == pytest.approx(5.5e-4)
+    assert train_module.lr_at(500, args) == pytest.approx(1e-4)
