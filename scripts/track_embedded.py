@@ -24,6 +24,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+GUIDANCE = 3.0  # the embedded model's default classifier-free guidance (concept_attention.json)
 
 
 def recent_loss(loss_csv: Path, step: int, window: int = 200) -> float | None:
@@ -81,10 +82,11 @@ def main() -> None:
     if args.generated:
         out = work / "generated.json"
         subprocess.run([sys.executable, str(ROOT / "benchmarks" / "generated_shapes.py"), "--model",
-                        str(model_dir), "--out", str(out)], check=True, env=env, stdout=subprocess.DEVNULL)
-        generated = json.loads(out.read_text())
-        point["generated_right_shape"] = generated.get("right_shape_rate")
-        point["generated_right_colour"] = generated.get("right_colour_rate")
+                        str(model_dir), "--out", str(out), "--guidance", str(GUIDANCE)], check=True, env=env, stdout=subprocess.DEVNULL)
+        generated = json.loads(out.read_text())["summary"]
+        point["generated_right_shape"] = generated["shape_right"]
+        point["generated_right_colour"] = generated["colour_right"]
+        point["generated_guidance"] = GUIDANCE
     with open(args.curve, "a") as f:
         f.write(json.dumps(point) + "\n")
     print(json.dumps(point, indent=1))

@@ -56,7 +56,7 @@ def generate(
     parameters = inspect.signature(type(pipe).__call__).parameters
     if "max_sequence_length" in defaults and "max_sequence_length" in parameters:
         call["max_sequence_length"] = int(defaults["max_sequence_length"])
-    for key in ("guidance_scale",):
+    for key in ("guidance_scale", "true_cfg_scale", "negative_prompt"):
         if key in defaults and key in parameters:
             call[key] = defaults[key]
     total = call.get("num_inference_steps") or (parameters["num_inference_steps"].default
@@ -91,6 +91,7 @@ def generate(
             "prompt": prompt,
             "seed": int(seed),
             "num_inference_steps": int(total) if total else None,
+            **{key: call[key] for key in ("guidance_scale", "true_cfg_scale") if key in call},
             "image_size": [image.width, image.height],
             "model_id": getattr(pipe, "model_id", None) or getattr(getattr(pipe, "config", None), "_name_or_path", None),
         }

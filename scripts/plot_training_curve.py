@@ -1,0 +1,99 @@
+#!/usr/bin/env python
+"""Plot the embedded model's training curve: loss and concept-map quality against steps and hours.
+
+Reads ``checkpoints/embedded/loss.csv`` (one row per step) and ``checkpoints/embedded/curve.jsonl``
+(points written by ``scripts/track_embedded.py``), writes a PNG and prints a Markdown table of the
+tracked points. Recipe changes recorded in the checkpoint (``history``) are drawn as vertical lines.
+
+  python scripts/plot_training_curve.py --out docs/images/embedded-training-curve.png
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def smooth(values: list[float], window: int = 50) -> list[float]:
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def read_points(curve: Path) -> list[dict]:
+    points = [json.loads(line) for line in curve.read_text().splitlines() if line.strip()]
+    by_step = {p["step"]: p for p in points}  # the latest measurement of a step wins
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def markdown_table(points: list[dict]) -> str:
+    lines = ["| step | hours | loss | colour identity (default / best block) | colour mIoU (best) "
+             "| shape identity (default / best block) | shape mIoU (best) | generated right shape |",
+             "|---|---|---|---|---|---|---|---|"]
+    for p in points:
+        c, s = p["colour|empty"], p["shape|empty"]
+        gen = p.get("generated_right_shape")
+        lines.append(
+            f"| {p['step']} | {p['hours']:.2f} | {p['loss']:.3f} | {c['default']['identity']:.2f} / "
+            f"{c['best']['identity']:.2f} (block {c['best_block']}) | {c['best']['miou']:.2f} | "
+            f"{s['default']['identity']:.2f} / {s['best']['identity']:.2f} (block {s['best_block']}) | "
+            f"{s['best']['miou']:.2f} | {'' if gen is None else f'{gen:.2f}'} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--ckpt-dir", default="checkpoints/embedded")
+    ap.add_argument("--out", default="docs/images/embedded-training-curve.png")
+    args = ap.parse_args()
+    ckpt_dir = Path(args.ckpt_dir)
+    with open(ckpt_dir / "loss.csv") as f:
+        rows = list(csv.DictReader(f))
+    steps = [int(r["step"]) for r in rows]
+    losses = [float(r["loss"]) for r in rows]
+    points = read_points(ckpt_dir / "curve.jsonl")
+    history = json.loads((ckpt_dir / "args.json").read_text()).get("history", [])
+
+    fig, (ax_loss, ax_quality) = plt.subplots(1, 2, figsize=(11, 3.8))
+    ax_loss.plot(steps, smooth(losses), lw=1.2, color="black")
+    ax_loss.set(xlabel="step", ylabel="flow-matching loss (mean of 50 steps)", yscale="log", title="training loss")
+    for task, colour in (("colour", "tab:red"), ("shape", "tab:blue")):
+        xs = [p["step"] for p in points]
+        ax_quality.plot(xs, [p[f"{task}|empty"]["best"]["identity"] for p in points], "o-", color=colour,
+                        label=f"{task} identity, best block")
+        ax_quality.plot(xs, [p[f"{task}|empty"]["default"]["identity"] for p in points], "o--", color=colour,
+                        alpha=0.5, label=f"{task} identity, default blocks")
+    generated = [(p["step"], p["generated_right_shape"]) for p in points if p.get("generated_right_shape") is not None]
+    if generated:
+        ax_quality.plot(*zip(*generated), "s-", color="tab:green", label="generated: right shape")
+    ax_quality.axhline(0.25, color="grey", lw=0.8, ls=":", label="chance (identity)")
+    ax_quality.set(xlabel="step", ylabel="fraction", ylim=(0, 1), title="ConceptAttention quality (held-out scenes)")
+    for ax in (ax_loss, ax_quality):
+        for change in history:
+            ax.axvline(change["step"], color="orange", lw=0.8)
+    if history:
+        ax_loss.text(history[0]["step"], ax_loss.get_ylim()[1], " recipe changes", color="orange", va="top", fontsize=8)
+    hours = {int(r["step"]): float(r["wall_seconds"]) / 3600 for r in rows}
+    top = ax_loss.secondary_xaxis("top", functions=(lambda s: s, lambda s: s))
+    ticks = [s for s in range(0, max(steps) + 1, max(1, (max(steps) // 4 // 500) * 500 or 500))]
+    top.set_xticks(ticks, [f"{hours.get(s, 0):.1f} h" for s in ticks])
+    ax_quality.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.out, dpi=110)
+    print(markdown_table(points))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
