@@ -8,32 +8,18 @@ import torch
 
 import tiny_sd3_chroma as tiny
 from concept_attention import ConceptAttention
+from helpers import (
+    assert_matches_oracle, captured_streams, check_explain_and_cli, concept_embeds, fused_qkv_runs,
+    isolation_mask, oracle_from_captured, record_maps, snapshot, with_concepts_appended,
+)
+from helpers import one_thread  # noqa: F401  (autouse: tiny matmuls on two busy cores are ~100x faster single-threaded)
 
 CONCEPTS = ["dog", "tree", "sky"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls on two busy cores are ~100x faster single-threaded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
 def chroma_pipe():
     return tiny.chroma_pipeline(seed=0)
-
-
-def concept_embeds(transformer, sizes=(1, 2, 1), seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(n, transformer.config.joint_attention_dim, generator=g) for n in sizes]
-
-
-def as_tokens(maps):
-    b, c, h, w = maps.tensor.shape
-    return maps.tensor.reshape(b, c, h * w).permute(0, 2, 1)
 
 
 class _IsolatingProcessor:
@@ -53,54 +39,24 @@ def oracle_maps(transformer, inputs, embeds, layers, softmax=True, space="output
     padding mask is kept for prompt/image rows (concept rows are unpadded)."""
     text = inputs["encoder_hidden_states"].shape[1]
     rows = sum(e.shape[0] for e in embeds)
-    image = inputs["hidden_states"].shape[1]
-    total = text + rows + image
-    blocked = torch.zeros(total, total, dtype=torch.bool)
-    concept = slice(text, text + rows)
-    blocked[:, concept] = True
-    blocked[concept, concept] = False
-    blocked[concept, :text] = True
-    isolation = torch.zeros(total, total).masked_fill(blocked, float("-inf"))
+    blocked = ~isolation_mask(text, rows, inputs["hidden_states"].shape[1])
+    isolation = torch.zeros(blocked.shape).masked_fill(blocked, float("-inf"))
     batch = inputs["hidden_states"].shape[0]
-    oracle_inputs = dict(inputs)
-    oracle_inputs["encoder_hidden_states"] = torch.cat(
-        [inputs["encoder_hidden_states"], torch.cat(embeds).expand(batch, -1, -1)], dim=1)
+    oracle_inputs = with_concepts_appended(inputs, embeds)
     oracle_inputs["txt_ids"] = torch.zeros(text + rows, 3)
     mask = inputs.get("attention_mask")
     if mask is not None:
         oracle_inputs["attention_mask"] = torch.cat([mask[:, :text], torch.ones(batch, rows), mask[:, text:]], 1)
-    captured, handles, originals = {}, [], []
-    for index, block in enumerate(transformer.transformer_blocks):
-        attn = block.attn
-        originals.append(attn.processor)
-        attn.processor = _IsolatingProcessor(attn.processor, isolation)
-        handles.append(attn.to_out[0].register_forward_pre_hook(
-            lambda m, a, i=index: captured.__setitem__(("x", i), a[0])))
-        handles.append(attn.to_add_out.register_forward_pre_hook(
-            lambda m, a, i=index: captured.__setitem__(("c", i), a[0][:, text:])))
-        handles.append(attn.to_v.register_forward_hook(
-            lambda m, a, o, i=index: captured.__setitem__(("vx", i), o)))
-        handles.append(attn.add_v_proj.register_forward_hook(
-            lambda m, a, o, i=index: captured.__setitem__(("vc", i), o[:, text:])))
+    originals = [block.attn.processor for block in transformer.transformer_blocks]
+    for block in transformer.transformer_blocks:
+        block.attn.processor = _IsolatingProcessor(block.attn.processor, isolation)
     try:
-        with torch.no_grad():
+        with captured_streams(transformer, text) as captured, torch.no_grad():
             transformer(**oracle_inputs)
     finally:
-        for h in handles:
-            h.remove()
         for block, original in zip(transformer.transformer_blocks, originals):
             block.attn.processor = original
-    per_layer = []
-    for layer in layers:
-        key_x, key_c = ("x", "c") if space == "output" else ("vx", "vc")
-        scores = torch.einsum("bnd,brd->bnr", captured[(key_x, layer)].double(), captured[(key_c, layer)].double())
-        columns, start = [], 0
-        for e in embeds:
-            columns.append(scores[:, :, start:start + e.shape[0]].mean(-1))
-            start += e.shape[0]
-        grouped = torch.stack(columns, -1)
-        per_layer.append(grouped.softmax(-1) if softmax else grouped)
-    return torch.stack(per_layer).mean(0)
+    return oracle_from_captured(captured, embeds, layers, softmax=softmax, space=space)
 
 
 # ---------------------------------------------------------------- 1. exactness
@@ -137,15 +93,8 @@ def test_maps_match_mask_formulation_oracle(softmax, padded):
     inputs = tiny.chroma_inputs(transformer, padded=padded, seed=4)
     embeds = concept_embeds(transformer, sizes=(1, 3, 2))
     layers = [0, 2]
-    with torch.no_grad(), ConceptAttention(
-        transformer, ["a", "b", "c"], concept_embeds=embeds, layers=layers, softmax=softmax,
-        space=["output", "value"],
-    ) as ca:
-        transformer(**inputs)
-    for space in ("output", "value"):
-        expected = oracle_maps(transformer, inputs, embeds, layers, softmax=softmax, space=space)
-        got = as_tokens(ca.maps_for(space)).double()
-        assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5), (space, (got - expected).abs().max())
+    ca = record_maps(transformer, inputs, embeds, layers=layers, softmax=softmax, space=["output", "value"])
+    assert_matches_oracle(ca, lambda space: oracle_maps(transformer, inputs, embeds, layers, softmax, space))
 
 
 def test_padding_changes_the_image_but_is_not_exposed_to_concepts():
@@ -154,9 +103,7 @@ def test_padding_changes_the_image_but_is_not_exposed_to_concepts():
     results = {}
     for padded in (0, 2):
         inputs = tiny.chroma_inputs(transformer, padded=padded)
-        with torch.no_grad(), ConceptAttention(transformer, ["a", "b", "c"], concept_embeds=embeds) as ca:
-            transformer(**inputs)
-        results[padded] = ca.maps.tensor
+        results[padded] = record_maps(transformer, inputs, embeds).maps.tensor
     # row 1 has no padding in either run: identical maps; row 0's image changed with its mask
     assert torch.allclose(results[0][1], results[2][1], atol=1e-6)
     assert not torch.allclose(results[0][0], results[2][0], atol=1e-4)
@@ -168,11 +115,7 @@ def test_modulation_options_coincide():
     embeds = concept_embeds(transformer)
     maps = []
     for modulation in ("zero", "prompt"):
-        with torch.no_grad(), ConceptAttention(
-            transformer, ["a", "b", "c"], concept_embeds=embeds, concept_modulation=modulation
-        ) as ca:
-            transformer(**inputs)
-        maps.append(ca.maps.tensor)
+        maps.append(record_maps(transformer, inputs, embeds, concept_modulation=modulation).maps.tensor)
     assert torch.equal(maps[0], maps[1])
 
 
@@ -209,12 +152,6 @@ def test_concepts_are_encoded_with_the_pipeline_and_keep_word_pieces(chroma_pipe
 
 
 # ---------------------------------------------------------------- 5. restore and errors
-def snapshot(transformer):
-    processors = dict(transformer.attn_processors)
-    hooks = {name: (dict(m._forward_hooks), dict(m._forward_pre_hooks)) for name, m in transformer.named_modules()}
-    return processors, hooks, set(transformer.__dict__)
-
-
 def test_everything_restored_and_unknown_processor_refused():
     from diffusers.models.transformers.transformer_flux import FluxIPAdapterAttnProcessor
 
@@ -236,45 +173,14 @@ def test_everything_restored_and_unknown_processor_refused():
 
 # ---------------------------------------------------------------- 6. explain, generate, CLI
 def test_explain_and_cli_accept_chroma_pipelines(tmp_path):
-    import json
-
-    import numpy as np
-    from PIL import Image
-
-    from concept_attention import ConceptMaps, explain
-    from concept_attention.cli import main
-
-    pipe = tiny.chroma_pipeline(seed=4)
-    pipe.save_pretrained(tmp_path / "model")
-    (tmp_path / "model" / "concept_attention.json").write_text(
-        json.dumps({"size": 32, "num_inference_steps": 2, "max_sequence_length": 16}))
-    picture = Image.fromarray((np.random.default_rng(0).random((24, 40, 3)) * 255).astype("uint8"))
-    pipe.default_sample_size = 16
-    maps = explain(pipe, picture, ["dog", "sky"], prompt="a dog", num_samples=2, max_sequence_length=16)
-    assert maps.tensor.shape == (1, 2, 8, 13) and maps.meta["model_size"] == [52, 32]
-    assert torch.allclose(maps.tensor.sum(1), torch.ones(1, 8, 13), atol=1e-5)
-    picture.save(tmp_path / "photo.png")
-    model = str(tmp_path / "model")
-    assert main(["generate", "a dog by a tree", "--concepts", "dog,tree", "--model", model, "--out",
-                 str(tmp_path / "gen"), "--device", "cpu"]) == 0
-    generated = ConceptMaps.load(tmp_path / "gen")
-    assert generated.tensor.shape == (1, 2, 8, 8) and generated.meta["family"] == "chroma"
-    assert main(["explain", str(tmp_path / "photo.png"), "--concepts", "dog,sky", "--model", model, "--out",
-                 str(tmp_path / "exp"), "--device", "cpu"]) == 0
-    assert ConceptMaps.load(tmp_path / "exp").tensor.shape == (1, 2, 8, 13)
+    generated = check_explain_and_cli(tiny.chroma_pipeline(seed=4), tmp_path, {}, prompt="a dog")
+    assert generated.meta["family"] == "chroma"
 
 
 def test_fused_qkv_gives_same_maps():
     transformer = tiny.chroma_transformer(seed=8)
     inputs = tiny.chroma_inputs(transformer)
-    embeds = concept_embeds(transformer)
-    with torch.no_grad():
-        with ConceptAttention(transformer, ["a", "b", "c"], concept_embeds=embeds) as reference:
-            transformer(**inputs)
-        transformer.fuse_qkv_projections()
-        plain = transformer(**inputs).sample
-        with ConceptAttention(transformer, ["a", "b", "c"], concept_embeds=embeds) as fused:
-            watched = transformer(**inputs).sample
+    reference, fused, (watched,), plain = fused_qkv_runs(transformer, inputs, concept_embeds(transformer))
     assert transformer.transformer_blocks[0].attn.fused_projections
     assert torch.equal(plain, watched)
     assert torch.allclose(fused.maps.tensor, reference.maps.tensor, atol=1e-5)

@@ -9,6 +9,10 @@ import torch
 
 import tiny_video_flux2 as tv
 from concept_attention import ConceptAttention
+from helpers import (
+    as_tokens, assert_matches_oracle, assert_output_unchanged, concept_embeds, fused_qkv_runs, isolation_mask,
+    oracle_from_captured, record_maps, with_concepts_appended,
+)
 
 CONCEPTS = ["dog", "tree", "sky"]
 
@@ -34,11 +38,6 @@ def transformer_inputs(transformer, batch=2, frames=3, height=4, width=6, seed=0
     return inputs
 
 
-def concept_embeds(transformer, sizes=(1, 2, 1), seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(n, transformer.config.text_embed_dim, generator=g) for n in sizes]
-
-
 def oracle_maps(transformer, inputs, embeds, layers, softmax=True, space="output", rows_used=None):
     """Concept rows appended to the text, isolated by an attention mask (text keeps its own modulation).
 
@@ -50,15 +49,9 @@ def oracle_maps(transformer, inputs, embeds, layers, softmax=True, space="output
     batch = inputs["hidden_states"].shape[0]
     video = inputs["hidden_states"][0].numel() // inputs["hidden_states"].shape[2]
     video //= transformer.config.patch_size ** 2
-    total = text + rows + video
-    allowed = torch.ones(total, total, dtype=torch.bool)
+    allowed = isolation_mask(text, rows, video)
+    oracle_inputs = with_concepts_appended(inputs, embeds)
     concept = slice(text, text + rows)
-    allowed[:, concept] = False
-    allowed[concept, concept] = True
-    allowed[concept, :text] = False
-    oracle_inputs = dict(inputs)
-    appended = torch.cat(embeds).expand(batch, -1, -1)
-    oracle_inputs["encoder_hidden_states"] = torch.cat([inputs["encoder_hidden_states"], appended], dim=1)
     captured, handles = {}, []
     for index, block in enumerate(transformer.transformer_blocks):
         attn = block.attn1
@@ -76,24 +69,8 @@ def oracle_maps(transformer, inputs, embeds, layers, softmax=True, space="output
         embed.max_text_seq_length = saved
         for h in handles:
             h.remove()
-    per_layer = []
-    for layer in layers:
-        x, c = (captured[("x", layer)], captured[("c", layer)]) if space == "output" else (
-            captured[("vx", layer)], captured[("vc", layer)])
-        scores = torch.einsum("bnd,brd->bnr", x.double(), c.double())
-        columns, start = [], 0
-        for e in embeds:
-            columns.append(scores[:, :, start:start + e.shape[0]].mean(dim=-1))
-            start += e.shape[0]
-        grouped = torch.stack(columns, dim=-1)
-        per_layer.append(grouped.softmax(dim=-1) if softmax else grouped)
-    result = torch.stack(per_layer).mean(0)
+    result = oracle_from_captured(captured, embeds, layers, softmax=softmax, space=space)
     return result if rows_used is None else result[rows_used]
-
-
-def as_tokens(maps):
-    b, c = maps.tensor.shape[:2]
-    return maps.tensor.reshape(b, c, -1).permute(0, 2, 1)
 
 
 # ---------------------------------------------------------------- 1. exactness
@@ -101,11 +78,7 @@ def as_tokens(maps):
 def test_bare_transformer_is_bit_identical_with_and_without_rope(rope):
     transformer = tv.cogvideox_transformer(seed=1, rope=rope)
     inputs = transformer_inputs(transformer, rope=rope)
-    with torch.no_grad():
-        plain = transformer(**inputs).sample
-        with ConceptAttention(transformer, ["a", "b", "c"], concept_embeds=concept_embeds(transformer)) as ca:
-            watched = transformer(**inputs).sample
-    assert torch.equal(plain, watched)
+    ca = assert_output_unchanged(transformer, inputs)
     assert ca.maps.tensor.shape == (2, 3, 3, 2, 3)
     for block in transformer.transformer_blocks:  # restored on exit
         assert type(block.attn1.processor).__name__ == "CogVideoXAttnProcessor2_0"
@@ -129,11 +102,7 @@ def test_pipeline_with_cfg_is_bit_identical_and_maps_are_video_shaped(cog):
 def test_cogvideox_15_temporal_patching_grid():
     transformer = tv.cogvideox_transformer(seed=2, rope=True, patch_size_t=2)
     inputs = transformer_inputs(transformer, batch=1, frames=4, rope=True)
-    with torch.no_grad():
-        plain = transformer(**inputs).sample
-        with ConceptAttention(transformer, ["a", "b", "c"], concept_embeds=concept_embeds(transformer)) as ca:
-            watched = transformer(**inputs).sample
-    assert torch.equal(plain, watched)
+    ca = assert_output_unchanged(transformer, inputs)
     assert ca.maps.tensor.shape == (1, 3, 2, 2, 3)
 
 
@@ -144,15 +113,8 @@ def test_maps_match_mask_oracle(rope, softmax):
     inputs = transformer_inputs(transformer, seed=4, rope=rope)
     embeds = concept_embeds(transformer, sizes=(1, 3, 2))
     layers = [1, 3]
-    with torch.no_grad(), ConceptAttention(
-        transformer, ["a", "b", "c"], concept_embeds=embeds, layers=layers, softmax=softmax,
-        space=["output", "value"],
-    ) as ca:
-        transformer(**inputs)
-    for space in ("output", "value"):
-        expected = oracle_maps(transformer, inputs, embeds, layers, softmax=softmax, space=space)
-        got = as_tokens(ca.maps_for(space)).double()
-        assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5), (space, (got - expected).abs().max())
+    ca = record_maps(transformer, inputs, embeds, layers=layers, softmax=softmax, space=["output", "value"])
+    assert_matches_oracle(ca, lambda space: oracle_maps(transformer, inputs, embeds, layers, softmax, space))
 
 
 def test_batched_cfg_maps_come_from_the_conditional_half(cog):
@@ -228,14 +190,7 @@ def test_peak_extra_memory_does_not_grow_with_steps(cog):
 def test_fused_qkv_gives_same_maps():
     transformer = tv.cogvideox_transformer(seed=13, rope=True)
     inputs = transformer_inputs(transformer, rope=True)
-    embeds = concept_embeds(transformer)
-    with torch.no_grad(), ConceptAttention(transformer, ["a", "b", "c"], concept_embeds=embeds) as reference:
-        transformer(**inputs)
-    transformer.fuse_qkv_projections()
-    with torch.no_grad():
-        with ConceptAttention(transformer, ["a", "b", "c"], concept_embeds=embeds) as fused:
-            out = transformer(**inputs).sample
-        plain = transformer(**inputs).sample
+    reference, fused, (out,), plain = fused_qkv_runs(transformer, inputs, concept_embeds(transformer))
     assert type(transformer.transformer_blocks[0].attn1.processor).__name__ == "FusedCogVideoXAttnProcessor2_0"
     assert torch.equal(out, plain)
     assert torch.allclose(fused.maps.tensor, reference.maps.tensor, atol=1e-5)

@@ -10,6 +10,11 @@ from diffusers import FluxPipeline
 
 import tiny
 from concept_attention import ConceptAttention
+from helpers import (
+    as_tokens, assert_matches_oracle, assert_output_unchanged, assert_restored, captured_streams,
+    concept_embeds, fused_qkv_runs, isolation_mask, oracle_from_captured, record_maps, snapshot,
+    with_concepts_appended,
+)
 
 CONCEPTS = ["dog", "tree", "sky", "background"]
 
@@ -33,63 +38,16 @@ def transformer_inputs(transformer, batch=2, height=4, width=6, text=5, seed=0, 
     return inputs
 
 
-def concept_embeds(transformer, sizes=(1, 2, 1), seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(n, transformer.config.joint_attention_dim, generator=g) for n in sizes]
-
-
 def oracle_maps(transformer, inputs, embeds, layers, softmax=True, space="output"):
     """Mask formulation: concepts appended to the text stream, isolated by an attention mask."""
     text = inputs["encoder_hidden_states"].shape[1]
     rows = sum(e.shape[0] for e in embeds)
-    image = inputs["hidden_states"].shape[1]
-    total = text + rows + image
-    allowed = torch.ones(total, total, dtype=torch.bool)
-    concept = slice(text, text + rows)
-    allowed[:, concept] = False  # nobody attends to concepts ...
-    allowed[concept, concept] = True  # ... except concepts themselves
-    allowed[concept, :text] = False  # concepts do not attend to the prompt
-    batch = inputs["hidden_states"].shape[0]
-    appended = torch.cat([e for e in embeds], dim=0).expand(batch, -1, -1)
-    oracle_inputs = dict(inputs)
-    oracle_inputs["encoder_hidden_states"] = torch.cat([inputs["encoder_hidden_states"], appended], dim=1)
+    allowed = isolation_mask(text, rows, inputs["hidden_states"].shape[1])
+    oracle_inputs = with_concepts_appended(inputs, embeds)
     oracle_inputs["txt_ids"] = torch.zeros(text + rows, 3)
-    captured, handles = {}, []
-    for index, block in enumerate(transformer.transformer_blocks):
-        attn = block.attn
-        handles.append(attn.to_out[0].register_forward_pre_hook(
-            lambda m, a, i=index: captured.__setitem__(("x", i), a[0])))
-        handles.append(attn.to_add_out.register_forward_pre_hook(
-            lambda m, a, i=index: captured.__setitem__(("c", i), a[0][:, text:])))
-        handles.append(attn.to_v.register_forward_hook(
-            lambda m, a, o, i=index: captured.__setitem__(("vx", i), o)))
-        handles.append(attn.add_v_proj.register_forward_hook(
-            lambda m, a, o, i=index: captured.__setitem__(("vc", i), o[:, text:])))
-    try:
-        with torch.no_grad():
-            transformer(**oracle_inputs, joint_attention_kwargs={"attention_mask": allowed})
-    finally:
-        for h in handles:
-            h.remove()
-    per_layer = []
-    for layer in layers:
-        x, c = (captured[("x", layer)], captured[("c", layer)]) if space == "output" else (
-            captured[("vx", layer)], captured[("vc", layer)])
-        scores = torch.einsum("bnd,brd->bnr", x.double(), c.double())
-        columns, start = [], 0
-        for e in embeds:
-            columns.append(scores[:, :, start:start + e.shape[0]].mean(dim=-1))
-            start += e.shape[0]
-        grouped = torch.stack(columns, dim=-1)
-        if softmax:
-            grouped = grouped.softmax(dim=-1)
-        per_layer.append(grouped)
-    return torch.stack(per_layer).mean(0)  # (B, N, C)
-
-
-def as_tokens(maps):
-    b, c, h, w = maps.tensor.shape
-    return maps.tensor.reshape(b, c, h * w).permute(0, 2, 1)
+    with captured_streams(transformer, text) as captured, torch.no_grad():
+        transformer(**oracle_inputs, joint_attention_kwargs={"attention_mask": allowed})
+    return oracle_from_captured(captured, embeds, layers, softmax=softmax, space=space)
 
 
 # ---------------------------------------------------------------- 1. exactness
@@ -117,11 +75,7 @@ def test_pipeline_output_is_bit_identical_and_maps_have_grid(flux_pipe, prompt, 
 def test_bare_transformer_output_is_bit_identical():
     transformer = tiny.flux_transformer(guidance=True)
     inputs = transformer_inputs(transformer)
-    with torch.no_grad():
-        plain = transformer(**inputs).sample
-        with ConceptAttention(transformer, ["a", "b", "c"], concept_embeds=concept_embeds(transformer)) as ca:
-            watched = transformer(**inputs).sample
-    assert torch.equal(plain, watched)
+    ca = assert_output_unchanged(transformer, inputs)
     assert ca.maps.tensor.shape == (2, 3, 4, 6)
 
 
@@ -133,15 +87,9 @@ def test_maps_match_mask_formulation_oracle(softmax, guidance):
     inputs = transformer_inputs(transformer, seed=4)
     embeds = concept_embeds(transformer, sizes=(1, 3, 2))
     layers = [1, 3]
-    with torch.no_grad(), ConceptAttention(
-        transformer, ["a", "b", "c"], concept_embeds=embeds, layers=layers, softmax=softmax,
-        concept_modulation="prompt", space=["output", "value"],
-    ) as ca:
-        transformer(**inputs)
-    for space in ("output", "value"):
-        expected = oracle_maps(transformer, inputs, embeds, layers, softmax=softmax, space=space)
-        got = as_tokens(ca.maps_for(space)).double()
-        assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5), (space, (got - expected).abs().max())
+    ca = record_maps(transformer, inputs, embeds, layers=layers, softmax=softmax, concept_modulation="prompt",
+                     space=["output", "value"])
+    assert_matches_oracle(ca, lambda space: oracle_maps(transformer, inputs, embeds, layers, softmax, space))
 
 
 def test_zero_modulation_uses_zero_pooled_vector():
@@ -149,11 +97,7 @@ def test_zero_modulation_uses_zero_pooled_vector():
     embeds = concept_embeds(transformer)
 
     def run(inputs, modulation):
-        with torch.no_grad(), ConceptAttention(
-            transformer, ["a", "b", "c"], concept_embeds=embeds, concept_modulation=modulation
-        ) as ca:
-            transformer(**inputs)
-        return as_tokens(ca.maps).double()
+        return as_tokens(record_maps(transformer, inputs, embeds, concept_modulation=modulation).maps).double()
 
     zero_pooled = transformer_inputs(transformer, pooled_zero=True)
     oracle = oracle_maps(transformer, zero_pooled, embeds, layers=[2, 3])
@@ -213,9 +157,7 @@ def test_spaces_and_ablations_run_and_differ():
         "neither": {"concept_self_attention": False, "concept_cross_attention": False},
     }
     for name, options in settings.items():
-        with torch.no_grad(), ConceptAttention(transformer, ["a", "b", "c"], concept_embeds=embeds, **options) as ca:
-            transformer(**inputs)
-        results[name] = ca.maps.tensor
+        results[name] = record_maps(transformer, inputs, embeds, **options).maps.tensor
         assert torch.isfinite(results[name]).all()
     names = list(results)
     for i, a in enumerate(names):
@@ -263,41 +205,13 @@ def test_true_cfg_reads_only_the_conditional_call(flux_pipe):
 def test_fused_qkv_gives_same_maps(fuse_inside):
     transformer = tiny.flux_transformer(seed=13)
     inputs = transformer_inputs(transformer)
-    embeds = concept_embeds(transformer)
-    with torch.no_grad(), ConceptAttention(transformer, ["a", "b", "c"], concept_embeds=embeds) as reference:
-        transformer(**inputs)
-    if not fuse_inside:
-        transformer.fuse_qkv_projections()
-    with torch.no_grad():
-        with ConceptAttention(transformer, ["a", "b", "c"], concept_embeds=embeds) as fused:
-            if fuse_inside:
-                transformer.fuse_qkv_projections()
-            out = transformer(**inputs).sample
-        plain = transformer(**inputs).sample
+    reference, fused, (out,), plain = fused_qkv_runs(transformer, inputs, concept_embeds(transformer), fuse_inside)
     assert transformer.transformer_blocks[0].attn.fused_projections
     assert torch.equal(out, plain)
     assert torch.allclose(fused.maps.tensor, reference.maps.tensor, atol=1e-5)
 
 
 # ---------------------------------------------------------------- 4. restore
-def snapshot(transformer):
-    processors = {name: proc for name, proc in transformer.attn_processors.items()}
-    hooks = {
-        name: (dict(m._forward_hooks), dict(m._forward_pre_hooks))
-        for name, m in transformer.named_modules()
-    }
-    return processors, hooks, set(transformer.__dict__)
-
-
-def assert_restored(transformer, before):
-    processors, hooks, attributes = snapshot(transformer)
-    assert processors.keys() == before[0].keys()
-    assert all(processors[k] is before[0][k] for k in processors)
-    for name, (fwd, pre) in hooks.items():
-        assert fwd.keys() == before[1][name][0].keys() and pre.keys() == before[1][name][1].keys(), name
-    assert attributes == before[2]
-
-
 def test_everything_restored_after_normal_exit_and_exception():
     transformer = tiny.flux_transformer(seed=17)
     inputs = transformer_inputs(transformer)

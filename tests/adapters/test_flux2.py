@@ -9,6 +9,10 @@ from diffusers import Flux2Pipeline
 import tiny_video_flux2 as tv
 from concept_attention import ConceptAttention
 from concept_attention.adapters.flux2 import Flux2Adapter, concept_token_span
+from helpers import (
+    as_tokens, assert_matches_oracle, assert_output_unchanged, captured_streams, concept_embeds, fused_qkv_runs,
+    isolation_mask, oracle_from_captured, with_concepts_appended,
+)
 
 CONCEPTS = ["dog", "tree", "sky"]
 
@@ -44,63 +48,18 @@ def transformer_inputs(transformer, batch=2, height=4, width=6, text=5, seed=0, 
     return inputs
 
 
-def concept_embeds(transformer, sizes=(1, 2, 1), seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(n, transformer.config.joint_attention_dim, generator=g) for n in sizes]
-
-
 def oracle_maps(transformer, inputs, embeds, layers, positions, num_map_tokens, softmax=True, space="output"):
     """Mask formulation: concept rows appended to the text stream at ``positions``, isolated by a mask."""
     text = inputs["encoder_hidden_states"].shape[1]
     rows = sum(e.shape[0] for e in embeds)
-    image = inputs["hidden_states"].shape[1]
-    total = text + rows + image
-    allowed = torch.ones(total, total, dtype=torch.bool)
-    concept = slice(text, text + rows)
-    allowed[:, concept] = False
-    allowed[concept, concept] = True
-    allowed[concept, :text] = False
-    batch = inputs["hidden_states"].shape[0]
-    appended = torch.cat(embeds, dim=0).expand(batch, -1, -1)
-    oracle_inputs = dict(inputs)
-    oracle_inputs["encoder_hidden_states"] = torch.cat([inputs["encoder_hidden_states"], appended], dim=1)
-    concept_ids = torch.zeros(batch, rows, 4, dtype=inputs["txt_ids"].dtype)
+    allowed = isolation_mask(text, rows, inputs["hidden_states"].shape[1])
+    oracle_inputs = with_concepts_appended(inputs, embeds)
+    concept_ids = torch.zeros(inputs["hidden_states"].shape[0], rows, 4, dtype=inputs["txt_ids"].dtype)
     concept_ids[..., 3] = torch.as_tensor(positions, dtype=concept_ids.dtype)
     oracle_inputs["txt_ids"] = torch.cat([inputs["txt_ids"], concept_ids], dim=1)
-    captured, handles = {}, []
-    for index, block in enumerate(transformer.transformer_blocks):
-        attn = block.attn
-        handles.append(attn.to_out[0].register_forward_pre_hook(
-            lambda m, a, i=index: captured.__setitem__(("x", i), a[0][:, :num_map_tokens])))
-        handles.append(attn.to_add_out.register_forward_pre_hook(
-            lambda m, a, i=index: captured.__setitem__(("c", i), a[0][:, text:])))
-        handles.append(attn.to_v.register_forward_hook(
-            lambda m, a, o, i=index: captured.__setitem__(("vx", i), o[:, :num_map_tokens])))
-        handles.append(attn.add_v_proj.register_forward_hook(
-            lambda m, a, o, i=index: captured.__setitem__(("vc", i), o[:, text:])))
-    try:
-        with torch.no_grad():
-            transformer(**oracle_inputs, joint_attention_kwargs={"attention_mask": allowed})
-    finally:
-        for h in handles:
-            h.remove()
-    per_layer = []
-    for layer in layers:
-        x, c = (captured[("x", layer)], captured[("c", layer)]) if space == "output" else (
-            captured[("vx", layer)], captured[("vc", layer)])
-        scores = torch.einsum("bnd,brd->bnr", x.double(), c.double())
-        columns, start = [], 0
-        for e in embeds:
-            columns.append(scores[:, :, start:start + e.shape[0]].mean(dim=-1))
-            start += e.shape[0]
-        grouped = torch.stack(columns, dim=-1)
-        per_layer.append(grouped.softmax(dim=-1) if softmax else grouped)
-    return torch.stack(per_layer).mean(0)
-
-
-def as_tokens(maps):
-    b, c = maps.tensor.shape[:2]
-    return maps.tensor.reshape(b, c, -1).permute(0, 2, 1)
+    with captured_streams(transformer, text, image_tokens=num_map_tokens) as captured, torch.no_grad():
+        transformer(**oracle_inputs, joint_attention_kwargs={"attention_mask": allowed})
+    return oracle_from_captured(captured, embeds, layers, softmax=softmax, space=space)
 
 
 # ---------------------------------------------------------------- 1. exactness
@@ -120,11 +79,7 @@ def test_klein_pipeline_output_is_bit_identical(klein):
 def test_bare_transformer_with_4_axis_rope_is_bit_identical(guidance):
     transformer = tv.flux2_transformer(seed=2, guidance=guidance)
     inputs = transformer_inputs(transformer)
-    with torch.no_grad():
-        plain = transformer(**inputs).sample
-        with ConceptAttention(transformer, ["a", "b", "c"], concept_embeds=concept_embeds(transformer)) as ca:
-            watched = transformer(**inputs).sample
-    assert torch.equal(plain, watched)
+    ca = assert_output_unchanged(transformer, inputs)
     assert ca.maps.tensor.shape == (2, 3, 4, 6)
 
 
@@ -142,10 +97,8 @@ def test_maps_match_mask_oracle_for_each_position_policy(policy, softmax):
     with torch.no_grad(), ca:
         transformer(**inputs)
     positions = {"own": [0, 0, 1, 2, 0, 1], "zero": [0] * 6, 7: [7] * 6}[policy]
-    for space in ("output", "value"):
-        expected = oracle_maps(transformer, inputs, embeds, layers, positions, 24, softmax=softmax, space=space)
-        got = as_tokens(ca.maps_for(space)).double()
-        assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5), (space, (got - expected).abs().max())
+    assert_matches_oracle(ca, lambda space: oracle_maps(transformer, inputs, embeds, layers, positions, 24,
+                                                        softmax=softmax, space=space))
 
 
 def test_position_policy_changes_maps_and_bad_policy_is_refused():
@@ -172,11 +125,7 @@ def test_reference_image_tokens_are_attended_but_not_mapped():
     transformer = tv.flux2_transformer(seed=6)
     inputs = transformer_inputs(transformer, references=8)
     embeds = concept_embeds(transformer)
-    with torch.no_grad():
-        plain = transformer(**inputs).sample
-        with ConceptAttention(transformer, ["a", "b", "c"], concept_embeds=embeds, concept_modulation="prompt") as ca:
-            watched = transformer(**inputs).sample
-    assert torch.equal(plain, watched)
+    ca = assert_output_unchanged(transformer, inputs, embeds, concept_modulation="prompt")
     assert ca.maps.tensor.shape == (2, 3, 4, 6)
     expected = oracle_maps(transformer, inputs, embeds, [2, 3], [0, 0, 1, 0], 24)
     assert torch.allclose(as_tokens(ca.maps).double(), expected, atol=1e-5)
@@ -312,14 +261,7 @@ def test_unknown_processor_is_refused():
 def test_fused_qkv_gives_same_maps():
     transformer = tv.flux2_transformer(seed=13)
     inputs = transformer_inputs(transformer)
-    embeds = concept_embeds(transformer)
-    with torch.no_grad(), ConceptAttention(transformer, ["a", "b", "c"], concept_embeds=embeds) as reference:
-        transformer(**inputs)
-    transformer.fuse_qkv_projections()
-    with torch.no_grad():
-        with ConceptAttention(transformer, ["a", "b", "c"], concept_embeds=embeds) as fused:
-            out = transformer(**inputs).sample
-        plain = transformer(**inputs).sample
+    reference, fused, (out,), plain = fused_qkv_runs(transformer, inputs, concept_embeds(transformer))
     assert transformer.transformer_blocks[0].attn.fused_projections
     assert torch.equal(out, plain)
     assert torch.allclose(fused.maps.tensor, reference.maps.tensor, atol=1e-5)

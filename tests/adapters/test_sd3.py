@@ -10,17 +10,13 @@ import torch
 
 import tiny_sd3_chroma as tiny
 from concept_attention import ConceptAttention
+from helpers import (
+    as_tokens, assert_output_unchanged, assert_restored, check_explain_and_cli, concept_embeds, fused_qkv_runs,
+    grouped_scores, record_maps, snapshot,
+)
+from helpers import one_thread  # noqa: F401  (autouse: tiny matmuls on two busy cores are ~100x faster single-threaded)
 
 CONCEPTS = ["dog", "tree", "sky"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls on two busy cores are ~100x faster single-threaded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -31,16 +27,6 @@ def sd3_pipe():
 @pytest.fixture(scope="module")
 def sd35_pipe():
     return tiny.sd3_pipeline(seed=1, dual_attention_layers=(0, 1), qk_norm="rms_norm")
-
-
-def concept_embeds(transformer, sizes=(1, 2, 1), seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(n, transformer.config.joint_attention_dim, generator=g) for n in sizes]
-
-
-def as_tokens(maps):
-    b, c, h, w = maps.tensor.shape
-    return maps.tensor.reshape(b, c, h * w).permute(0, 2, 1)
 
 
 # ---------------------------------------------------------------- oracle
@@ -116,13 +102,7 @@ def oracle_maps(transformer, inputs, embeds, layers, modulation="prompt", softma
             weights = (torch.einsum("brhd,bthd->bhrt", q_c, keys) * scale).softmax(-1)
             o_c = torch.einsum("bhrt,bthd->brhd", weights, values)
             if index in layers:
-                scores = torch.einsum("bnhd,brhd->bnr", o_x, o_c)
-                columns, start = [], 0
-                for e in embeds:
-                    columns.append(scores[:, :, start:start + e.shape[0]].mean(-1))
-                    start += e.shape[0]
-                grouped = torch.stack(columns, -1)
-                per_layer.append(grouped.softmax(-1) if softmax else grouped)
+                per_layer.append(grouped_scores(torch.einsum("bnhd,brhd->bnr", o_x, o_c), embeds, softmax))
             if not block.context_pre_only:
                 concepts = concepts + g_msa[:, None] * attn.to_add_out(o_c.flatten(2))
                 normed = block.norm2_context(concepts) * (1 + scale_mlp[:, None]) + shift[:, None]
@@ -164,11 +144,7 @@ def test_sd35_pipeline_with_dual_attention_and_qk_norm_is_bit_identical(sd35_pip
 def test_bare_transformer_output_is_bit_identical():
     transformer = tiny.sd3_transformer(seed=2, qk_norm="rms_norm", dual_attention_layers=(0,))
     inputs = tiny.sd3_inputs(transformer)
-    with torch.no_grad():
-        plain = transformer(**inputs).sample
-        with ConceptAttention(transformer, ["a", "b", "c"], concept_embeds=concept_embeds(transformer)) as ca:
-            watched = transformer(**inputs).sample
-    assert torch.equal(plain, watched)
+    ca = assert_output_unchanged(transformer, inputs)
     assert ca.maps.tensor.shape == (2, 3, 4, 6)
 
 
@@ -181,10 +157,7 @@ def test_maps_match_direct_reimplementation(variant, modulation):
     inputs = tiny.sd3_inputs(transformer, seed=4)
     embeds = concept_embeds(transformer, sizes=(1, 3, 2))
     layers = [0, 1, 2]  # includes the context_pre_only last block
-    with torch.no_grad(), ConceptAttention(
-        transformer, ["a", "b", "c"], concept_embeds=embeds, layers=layers, concept_modulation=modulation
-    ) as ca:
-        transformer(**inputs)
+    ca = record_maps(transformer, inputs, embeds, layers=layers, concept_modulation=modulation)
     expected = oracle_maps(transformer, inputs, embeds, layers, modulation=modulation)
     got = as_tokens(ca.maps).double()
     assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
@@ -195,10 +168,7 @@ def test_last_block_alone_contributes_a_map():
     assert transformer.transformer_blocks[-1].context_pre_only
     inputs = tiny.sd3_inputs(transformer)
     embeds = concept_embeds(transformer)
-    with torch.no_grad(), ConceptAttention(
-        transformer, ["a", "b", "c"], concept_embeds=embeds, layers=[-1], softmax=False, concept_modulation="prompt"
-    ) as ca:
-        transformer(**inputs)
+    ca = record_maps(transformer, inputs, embeds, layers=[-1], softmax=False, concept_modulation="prompt")
     assert ca.maps.layers == [2]
     expected = oracle_maps(transformer, inputs, embeds, [2], softmax=False)
     assert torch.allclose(as_tokens(ca.maps).double(), expected, atol=1e-5)
@@ -211,11 +181,7 @@ def test_zero_modulation_uses_zero_pooled_vector():
 
     def run(modulation, pooled):
         given = dict(inputs, pooled_projections=pooled)
-        with torch.no_grad(), ConceptAttention(
-            transformer, ["a", "b", "c"], concept_embeds=embeds, concept_modulation=modulation
-        ) as ca:
-            transformer(**given)
-        return ca.maps.tensor
+        return record_maps(transformer, given, embeds, concept_modulation=modulation).maps.tensor
 
     zero = torch.zeros_like(inputs["pooled_projections"])
     assert torch.allclose(run("zero", zero), run("prompt", zero), atol=1e-6)
@@ -281,18 +247,9 @@ def test_fused_qkv(fuse_inside):
 
     transformer = tiny.sd3_transformer(seed=8)
     inputs = tiny.sd3_inputs(transformer)
-    embeds = concept_embeds(transformer)
-    with torch.no_grad(), ConceptAttention(transformer, ["a", "b", "c"], concept_embeds=embeds) as reference:
-        transformer(**inputs)
-    if not fuse_inside:
-        transformer.fuse_qkv_projections()
-    with torch.no_grad():
-        with ConceptAttention(transformer, ["a", "b", "c"], concept_embeds=embeds) as fused:
-            if fuse_inside:
-                transformer.fuse_qkv_projections()
-            out = transformer(**inputs).sample
-            out_again = transformer(**inputs).sample
-        plain = transformer(**inputs).sample
+    reference, fused, (out, out_again), plain = fused_qkv_runs(
+        transformer, inputs, concept_embeds(transformer), fuse_inside, calls=2
+    )
     assert torch.equal(out, plain) and torch.equal(out_again, plain)
     processors = transformer.attn_processors
     assert all(type(p) is FusedJointAttnProcessor2_0 for p in processors.values())
@@ -356,21 +313,6 @@ def test_pipeline_without_t5():
 
 
 # ---------------------------------------------------------------- 7. restore and errors
-def snapshot(transformer):
-    processors = dict(transformer.attn_processors)
-    hooks = {name: (dict(m._forward_hooks), dict(m._forward_pre_hooks)) for name, m in transformer.named_modules()}
-    return processors, hooks, set(transformer.__dict__)
-
-
-def assert_restored(transformer, before):
-    processors, hooks, attributes = snapshot(transformer)
-    assert processors.keys() == before[0].keys()
-    assert all(processors[k] is before[0][k] for k in processors)
-    for name, (fwd, pre) in hooks.items():
-        assert fwd.keys() == before[1][name][0].keys() and pre.keys() == before[1][name][1].keys(), name
-    assert attributes == before[2]
-
-
 def test_everything_restored_after_exit_and_exception():
     transformer = tiny.sd3_transformer(seed=10, qk_norm="rms_norm", dual_attention_layers=(0,))
     inputs = tiny.sd3_inputs(transformer)
@@ -411,33 +353,9 @@ def test_unknown_processor_refused():
 
 # ---------------------------------------------------------------- 8. explain, generate, CLI
 def test_explain_and_cli_accept_sd3_pipelines(tmp_path):
-    import json
-
-    import numpy as np
-    from PIL import Image
-
-    from concept_attention import ConceptMaps, explain
-    from concept_attention.cli import main
-
-    pipe = tiny.sd3_pipeline(seed=4)
-    pipe.save_pretrained(tmp_path / "model")
-    (tmp_path / "model" / "concept_attention.json").write_text(json.dumps(
-        {"size": 32, "num_inference_steps": 2, "max_sequence_length": 16, "sd3_concept_tokens": "both"}))
-    picture = Image.fromarray((np.random.default_rng(0).random((24, 40, 3)) * 255).astype("uint8"))
-    pipe.default_sample_size = 16
-    maps = explain(pipe, picture, ["dog", "sky"], num_samples=2, max_sequence_length=16)
-    assert maps.tensor.shape == (1, 2, 8, 13) and maps.meta["model_size"] == [52, 32]
-    assert torch.allclose(maps.tensor.sum(1), torch.ones(1, 8, 13), atol=1e-5)
-    picture.save(tmp_path / "photo.png")
-    model = str(tmp_path / "model")
-    assert main(["generate", "a dog by a tree", "--concepts", "dog,tree", "--model", model, "--out",
-                 str(tmp_path / "gen"), "--device", "cpu"]) == 0
-    generated = ConceptMaps.load(tmp_path / "gen")
-    assert generated.tensor.shape == (1, 2, 8, 8) and generated.meta["family"] == "sd3"
+    generated = check_explain_and_cli(tiny.sd3_pipeline(seed=4), tmp_path, {"sd3_concept_tokens": "both"})
+    assert generated.meta["family"] == "sd3"
     assert generated.meta["concept_tokens"] == [2, 2]  # "both": CLIP row + T5 row per word
-    assert main(["explain", str(tmp_path / "photo.png"), "--concepts", "dog,sky", "--model", model, "--out",
-                 str(tmp_path / "exp"), "--device", "cpu"]) == 0
-    assert ConceptMaps.load(tmp_path / "exp").tensor.shape == (1, 2, 8, 13)
 
 
 def test_session_on_the_bare_transformer_still_reads_the_conditional_half(sd3_pipe):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import sys
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 
@@ -34,6 +35,8 @@ class ModelAdapter(ABC):
         self.transformer = transformer
         self._undo: list[Callable[[], None]] = []
         self._wrapped: list[tuple[nn.Module, Any]] = []
+        self._session: "ConceptAttention | None" = None
+        self._concept_rows: torch.Tensor | None = None
 
     # -------------------------------------------------------------- structure
     @classmethod
@@ -66,6 +69,24 @@ class ModelAdapter(ABC):
     def concept_embed_dim(self) -> int:
         """Width of a concept embedding as the bare transformer expects it."""
 
+    def embed_concepts(self, embeds: torch.Tensor) -> torch.Tensor:
+        """Concept embeddings (rows, ``concept_embed_dim``) projected into the text stream.
+
+        Default: the transformer's ``context_embedder``, which projects the prompt the same way.
+        """
+        return self.transformer.context_embedder(embeds)
+
+    def concept_rows(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The session's concepts as text-stream rows (rows, width), cached per dtype and device."""
+        rows = self._concept_rows
+        if rows is None or rows.dtype != dtype or rows.device != device:
+            session = self._session
+            assert session is not None
+            embeds = torch.cat([e.to(device=device, dtype=dtype) for e in session.concept_embeds], dim=0)
+            rows = self.embed_concepts(embeds)
+            self._concept_rows = rows
+        return rows
+
     # -------------------------------------------------------------- calls
     def bind_call(self, args: tuple, kwargs: dict) -> inspect.BoundArguments:
         signature = inspect.signature(type(self.transformer).forward)
@@ -84,6 +105,12 @@ class ModelAdapter(ABC):
     @abstractmethod
     def begin_call(self, bound: inspect.BoundArguments, call: "CallState") -> None:
         """Fill the call state (batch size, grid, concept rows, ...) from a forward call."""
+
+    @property
+    def current_call(self) -> "CallState | None":
+        """The installed session's active call (None outside a session or a mapped call)."""
+        session = self._session
+        return session.current_call if session is not None else None
 
     # -------------------------------------------------------------- real images
     def image_size_rule(self, pipeline: Any) -> tuple[int, int]:
@@ -123,7 +150,13 @@ class ModelAdapter(ABC):
             encoded = vae.encode(pixels.to(device=device, dtype=vae.dtype)).latent_dist.mode()
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         latents = ((encoded - shift) * vae.config.scaling_factor).to(dtype)
-        latents = latents.expand(num_samples, *latents.shape[1:])
+        return self.flow_noised(latents.expand(num_samples, *latents.shape[1:]), timestep, noise, generator)
+
+    def flow_noised(
+        self, latents: torch.Tensor, timestep: float, noise: torch.Tensor | None, generator: torch.Generator
+    ) -> torch.Tensor:
+        """``(1 - t)·latents + t·noise``; without ``noise``, a float32 draw from ``generator``."""
+        device, dtype = self.transformer.device, self.transformer.dtype
         if noise is None:
             noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
         return (1.0 - timestep) * latents + timestep * noise
@@ -136,6 +169,16 @@ class ModelAdapter(ABC):
     @abstractmethod
     def install(self, session: "ConceptAttention", blocks: Sequence[int]) -> None:
         """Put concept-aware processors (and any hooks) on ``blocks``; register undo actions."""
+
+    def attach(self, session: "ConceptAttention") -> None:
+        """Start an install: remember ``session`` (forgotten again as the last undo action)."""
+        self._session = session
+        self._concept_rows = None
+        self.on_undo(self._forget_session)
+
+    def _forget_session(self) -> None:
+        self._session = None
+        self._concept_rows = None
 
     def wrap_processors(
         self,
@@ -200,6 +243,61 @@ class ModelAdapter(ABC):
                 errors.append(error)
         if errors:
             raise errors[0]
+
+
+def latent_size_rule(pipeline: Any, patch: int) -> tuple[int, int]:
+    """``image_size_rule`` of a VAE-latent pipeline whose transformer patches ``patch`` × ``patch`` latents."""
+    scale = int(getattr(pipeline, "vae_scale_factor", 8))
+    native = int(getattr(pipeline, "default_sample_size", 128)) * scale
+    return native, scale * patch
+
+
+def timestep_value(timestep: Any, position: int = 0) -> float | None:
+    """A transformer call's ``timestep`` argument as one float (``position`` in a tensor), or None."""
+    if isinstance(timestep, torch.Tensor) and timestep.numel() > 0:
+        return float(timestep.flatten()[position])
+    if isinstance(timestep, (int, float)):
+        return float(timestep)
+    return None
+
+
+def pooled_text_modulation(
+    session: "ConceptAttention | None", module: nn.Module, args: tuple, output: torch.Tensor
+) -> None:
+    """Forward hook on a ``time_text_embed(timestep, [guidance,] pooled)`` layer: the concept rows' ``temb``.
+
+    ``concept_modulation="prompt"`` reuses the prompt's embedding; ``"zero"`` recomputes it with a
+    zero pooled text vector (FLUX.1 and SD3 embed timestep and pooled text this way).
+    """
+    call = session.current_call if session is not None else None
+    if call is None:
+        return
+    if session.concept_modulation == "prompt":
+        call.extras["concept_temb"] = output
+    else:
+        pooled = args[-1]
+        with torch.no_grad():
+            call.extras["concept_temb"] = module.forward(*args[:-1], torch.zeros_like(pooled))
+
+
+def running_pipeline(transformer: nn.Module, max_depth: int = 100) -> Any:
+    """The pipeline whose ``__call__`` is calling ``transformer`` right now, or None.
+
+    Pipeline attributes such as ``do_classifier_free_guidance`` keep their last value after a
+    run, so they only describe a call made by a running pipeline; a direct transformer call (a
+    bare call, ``explain``) is told apart by looking for a ``__call__`` frame of a pipeline that
+    holds this transformer (any pipeline sharing it, not only the one given to the session).
+    """
+    frame = sys._getframe(1)
+    depth = 0
+    while frame is not None and depth < max_depth:
+        if frame.f_code.co_name == "__call__":
+            owner = frame.f_locals.get("self")
+            if getattr(owner, "transformer", None) is transformer:
+                return owner
+        frame = frame.f_back
+        depth += 1
+    return None
 
 
 _REGISTRY: list[type[ModelAdapter]] = []

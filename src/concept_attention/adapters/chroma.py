@@ -30,9 +30,9 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 from torch import nn
 
-from .base import register_adapter
-from .flux import FluxAdapter, _call_default
-from .sd3 import running_pipeline, word_positions
+from .base import register_adapter, running_pipeline
+from .encoding import select_rows, sequence_length, word_positions
+from .flux import FluxAdapter
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..core.session import CallState, ConceptAttention
@@ -60,18 +60,13 @@ class ChromaAdapter(FluxAdapter):
                 f"{type(pipeline).__name__} has no T5 prompt encoder (tokenizer/text_encoder); pass "
                 "concept_embeds=[...] to encode concepts yourself"
             )
-        length = int(max_sequence_length or _call_default(pipeline, "max_sequence_length") or 512)
+        length = sequence_length(pipeline, max_sequence_length, 512)
         with torch.no_grad():
             embeds = pipeline.encode_prompt(
                 prompt=list(concepts), device=pipeline._execution_device, num_images_per_prompt=1,
                 do_classifier_free_guidance=False, max_sequence_length=length,
             )[0]
-        result = []
-        for name, rows, embed in zip(concepts, word_positions(tokenizer, concepts, length), embeds):
-            if not rows:
-                raise ValueError(f"concept {name!r} has no tokens left after removing special tokens")
-            result.append(embed[rows].float().cpu())
-        return result
+        return select_rows(concepts, embeds, word_positions(tokenizer, concepts, length))
 
     # ------------------------------------------------------------------ real images
     def explain_inputs(
@@ -87,11 +82,9 @@ class ChromaAdapter(FluxAdapter):
     ) -> dict[str, Any]:
         transformer = self.transformer
         device, dtype = transformer.device, transformer.dtype
-        noised = self.noised_latents(pipeline, pixels, timestep, noise, num_samples, generator)
-        batch, channels, height, width = noised.shape
-        packed = pipeline._pack_latents(noised, batch, channels, height, width)
-        image_ids = pipeline._prepare_latent_image_ids(batch, height // 2, width // 2, device, dtype)
-        length = int(max_sequence_length or _call_default(pipeline, "max_sequence_length") or 512)
+        packed, image_ids = self.packed_latents(pipeline, pixels, timestep, noise, num_samples, generator)
+        batch = packed.shape[0]
+        length = sequence_length(pipeline, max_sequence_length, 512)
         with torch.no_grad():
             prompt_embeds, text_ids, mask = pipeline.encode_prompt(
                 prompt=prompt, device=device, num_images_per_prompt=num_samples,
@@ -130,8 +123,7 @@ class ChromaAdapter(FluxAdapter):
         """Chroma's time embedding is not a modulation vector; see :meth:`_on_text_modulation`."""
 
     def _on_text_modulation(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        session = self._session
-        call = session.current_call if session is not None else None
+        call = self.current_call
         if call is not None:
             call.extras["concept_temb"] = kwargs["emb"] if "emb" in kwargs else args[-1]
 

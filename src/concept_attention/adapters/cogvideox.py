@@ -33,8 +33,9 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 from torch import nn
 
-from .base import ModelAdapter, register_adapter
-from .flux import _call_default, encode_with_t5
+from .base import ModelAdapter, register_adapter, timestep_value
+from .encoding import encode_with_t5, sequence_length
+from .wrapping import Capture, WrappingProcessor
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..core.session import CallState, ConceptAttention
@@ -47,48 +48,30 @@ def _known_processor_classes() -> tuple[type, ...]:
     return tuple(getattr(attention_processor, n) for n in names if hasattr(attention_processor, n))
 
 
-class _VideoCapture:
-    """Collects the original processor's key, value and pre-projection output through hooks."""
+class _VideoCapture(Capture):
+    """The original processor's joint ``[text, video]`` keys (B, H, S, D after qk-norm), values and
+    pre-projection outputs (B, S, inner); also the last key token before RoPE, to detect in-place RoPE."""
 
     def __init__(self) -> None:
-        self.enabled = False
-        self.key: torch.Tensor | None = None  # (B, H, S, D) after qk-norm
-        self.key_last: torch.Tensor | None = None  # last token before RoPE, to detect in-place RoPE
-        self.value: torch.Tensor | None = None  # (B, S, inner)
-        self.output: torch.Tensor | None = None  # (B, S, inner) before to_out
+        super().__init__()
+        self.key_last: torch.Tensor | None = None
 
     def clear(self) -> None:
-        self.key = self.key_last = self.value = self.output = None
+        super().clear()
+        self.key_last = None
 
     def on_key(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         if self.enabled:
-            self.key = output
+            self.image_key = output
             self.key_last = output[:, :, -1:].clone()
 
-    def on_to_v(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        if self.enabled:
-            self.value = output
 
-    def on_to_qkv(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        if self.enabled:
-            self.value = output.chunk(3, dim=-1)[2]
-
-    def on_to_out(self, module: nn.Module, args: tuple) -> None:
-        if self.enabled:
-            self.output = args[0]
-
-
-class CogVideoXConceptProcessor:
+class CogVideoXConceptProcessor(WrappingProcessor):
     """Wraps a block's original CogVideoX processor and runs the concept stream beside it."""
 
-    def __init__(self, inner: Any, block: nn.Module, block_index: int, session: "ConceptAttention") -> None:
-        self.inner = inner
-        self.block = block
-        self.block_index = block_index
-        self.session = session
-        self.capture = _VideoCapture()
-        self._handles: list[Any] = []
-        self._qkv_hooked: nn.Module | None = None
+    family_label = "CogVideoX"
+    captured_label = "keys/values/outputs"
+    capture_class = _VideoCapture
 
     # diffusers filters attention kwargs by this signature: keep it identical to CogVideoXAttnProcessor2_0.
     def __call__(
@@ -99,29 +82,15 @@ class CogVideoXConceptProcessor:
         attention_mask: torch.Tensor | None = None,
         image_rotary_emb: Any = None,
     ) -> Any:
-        call = self.session.current_call
-        if call is None or call.concepts is None:
-            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-        self._hook_fused_projection(attn)
-        self.capture.enabled = True
-        try:
-            outputs = self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-        finally:
-            self.capture.enabled = False
-        try:
-            with torch.no_grad():
-                self._concept_step(attn, call, encoder_hidden_states.shape[1], image_rotary_emb)
-        finally:
-            self.capture.clear()
-        return outputs
+        return self._run(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
 
     def hook(self, attn: nn.Module) -> None:
         key_module = attn.norm_k if attn.norm_k is not None else attn.to_k
         on_key = self.capture.on_key if attn.norm_k is not None else self._on_raw_key(attn)
         self._handles += [
             key_module.register_forward_hook(on_key),
-            attn.to_v.register_forward_hook(self.capture.on_to_v),
-            attn.to_out[0].register_forward_pre_hook(self.capture.on_to_out),
+            attn.to_v.register_forward_hook(self.capture.on_value),
+            attn.to_out[0].register_forward_pre_hook(self.capture.on_output),
         ]
 
     def _on_raw_key(self, attn: nn.Module) -> Any:
@@ -130,23 +99,10 @@ class CogVideoXConceptProcessor:
 
         return on_key
 
-    def unhook(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        self._qkv_hooked = None
-
-    def _hook_fused_projection(self, attn: nn.Module) -> None:
-        fused = getattr(attn, "to_qkv", None) if getattr(attn, "fused_projections", False) else None
-        if fused is not None and fused is not self._qkv_hooked:
-            self._handles.append(fused.register_forward_hook(self.capture.on_to_qkv))
-            self._qkv_hooked = fused
-
-    def _video_keys(self, text_len: int, rotary: Any) -> torch.Tensor:
-        """Video keys after qk-norm and RoPE, (B, N, H, D)."""
+    def _video_keys(self, key: torch.Tensor, text_len: int, rotary: Any) -> torch.Tensor:
+        """Video keys after qk-norm and RoPE, (B, N, H, D), from the joint keys (B, H, S, D)."""
         capture = self.capture
-        key = capture.key
-        assert key is not None and capture.key_last is not None
+        assert capture.key_last is not None
         video = key[:, :, text_len:]
         # diffusers rotates the video keys in place; rotate here only if that did not happen.
         if rotary is not None and torch.equal(key[:, :, -1:], capture.key_last):
@@ -155,17 +111,15 @@ class CogVideoXConceptProcessor:
             video = apply_rotary_emb(video, rotary)
         return video.transpose(1, 2)
 
-    def _concept_step(self, attn: nn.Module, call: "CallState", text_len: int, rotary: Any) -> None:
-        capture, block, session = self.capture, self.block, self.session
-        if capture.key is None or capture.value is None or capture.output is None:
-            raise RuntimeError(
-                "the CogVideoX attention processor did not expose keys/values/outputs as expected; "
-                "this diffusers version is not supported by the CogVideoX adapter"
-            )
+    def _concept_step(
+        self, attn: nn.Module, call: "CallState", text_len: int, attention_mask: Any, rotary: Any
+    ) -> None:
+        block, session = self.block, self.session
+        joint_key, joint_value, joint_output = self.captured()
         heads = attn.heads
-        image_key = self._video_keys(text_len, rotary)
-        image_value = capture.value[:, text_len:].unflatten(-1, (heads, -1))
-        image_output = capture.output[:, text_len:].unflatten(-1, (heads, -1))
+        image_key = self._video_keys(joint_key, text_len, rotary)
+        image_value = joint_value[:, text_len:].unflatten(-1, (heads, -1))
+        image_output = joint_output[:, text_len:].unflatten(-1, (heads, -1))
 
         concepts = call.concepts
         temb = call.extras["temb"]
@@ -204,8 +158,6 @@ class CogVideoXAdapter(ModelAdapter):
         super().__init__(transformer)
         if batched_cfg is not None:
             self.batched_cfg = batched_cfg
-        self._concept_rows: torch.Tensor | None = None
-        self._session: "ConceptAttention | None" = None
         self._context_name: str | None = None
 
     @property
@@ -227,16 +179,11 @@ class CogVideoXAdapter(ModelAdapter):
                 f"{type(pipeline).__name__} has no T5 prompt encoder (tokenizer/text_encoder); "
                 "pass concept_embeds=[...] to encode concepts yourself"
             )
-        length = max_sequence_length or _call_default(pipeline, "max_sequence_length") or 226
-        return encode_with_t5(tokenizer, encoder, concepts, int(length))
+        return encode_with_t5(tokenizer, encoder, concepts, sequence_length(pipeline, max_sequence_length, 226))
 
-    def _rows(self, session: "ConceptAttention", dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        rows = self._concept_rows
-        if rows is None or rows.dtype != dtype or rows.device != device:
-            embeds = torch.cat([e.to(device=device, dtype=dtype) for e in session.concept_embeds], dim=0)
-            rows = self.transformer.patch_embed.text_proj(embeds)
-            self._concept_rows = rows
-        return rows
+    def embed_concepts(self, embeds: torch.Tensor) -> torch.Tensor:
+        """``patch_embed.text_proj``, the projection the prompt goes through (module docstring)."""
+        return self.transformer.patch_embed.text_proj(embeds)
 
     # ------------------------------------------------------------------ calls
     def is_conditional_call(self, bound: inspect.BoundArguments, context_name: str | None) -> bool:
@@ -273,26 +220,17 @@ class CogVideoXAdapter(ModelAdapter):
         call.num_map_tokens = grid[0] * grid[1] * grid[2]
         if self._is_batched_cfg(hidden, text):
             call.map_rows = slice(batch // 2, batch)
-        timestep = arguments.get("timestep")
-        if isinstance(timestep, torch.Tensor) and timestep.numel() > 0:
-            call.timestep = float(timestep.flatten()[-1])
-        elif isinstance(timestep, (int, float)):
-            call.timestep = float(timestep)
-        session = self._session
-        assert session is not None
-        rows = self._rows(session, hidden.dtype, hidden.device)
-        call.concepts = rows.unsqueeze(0).expand(batch, -1, -1)
+        call.timestep = timestep_value(arguments.get("timestep"), position=-1)
+        call.concepts = self.concept_rows(hidden.dtype, hidden.device).unsqueeze(0).expand(batch, -1, -1)
 
     def _on_block(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        session = self._session
-        call = session.current_call if session is not None else None
+        call = self.current_call
         if call is not None:
             call.extras["temb"] = kwargs["temb"] if "temb" in kwargs else args[2]
 
     # ------------------------------------------------------------------ install
     def install(self, session: "ConceptAttention", blocks: Sequence[int]) -> None:
-        self._session = session
-        self._concept_rows = None
+        self.attach(session)
         self.wrap_processors(
             blocks, "attn1", _known_processor_classes(),
             lambda original, block, index: CogVideoXConceptProcessor(original, block, index, session),
@@ -300,9 +238,7 @@ class CogVideoXAdapter(ModelAdapter):
         for index in blocks:
             handle = self.dual_blocks[index].register_forward_pre_hook(self._on_block, with_kwargs=True)
             self.on_undo(handle.remove)
-        self.on_undo(self._forget_session)
 
     def _forget_session(self) -> None:
-        self._session = None
-        self._concept_rows = None
+        super()._forget_session()
         self._context_name = None

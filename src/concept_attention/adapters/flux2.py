@@ -51,9 +51,10 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 from torch import nn
 
-from .base import ModelAdapter, register_adapter
-from .flux import _call_default
-from .wrapping import WrappingProcessor
+from .base import ModelAdapter, latent_size_rule, register_adapter, timestep_value
+from .encoding import call_default, sequence_length
+from .flux import grid_from_ids
+from .wrapping import FluxStyleProcessor
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..core.session import CallState, ConceptAttention
@@ -68,7 +69,7 @@ def _known_processor_classes() -> tuple[type, ...]:
     return tuple(getattr(transformer_flux2, n) for n in names if hasattr(transformer_flux2, n))
 
 
-class Flux2ConceptProcessor(WrappingProcessor):
+class Flux2ConceptProcessor(FluxStyleProcessor):
     """Wraps a dual block's original FLUX.2 processor and runs the concept stream beside it.
 
     Returns exactly what the original processor returns; all concept state lives on the session.
@@ -85,16 +86,15 @@ class Flux2ConceptProcessor(WrappingProcessor):
         attention_mask: torch.Tensor | None = None,
         image_rotary_emb: Any = None,
     ) -> Any:
-        return self._run(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, {})
+        return self._run(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
 
     def _concept_step(
-        self, attn: nn.Module, call: "CallState", text_len: int, rotary: Any, extra: dict[str, Any]
+        self, attn: nn.Module, call: "CallState", text_len: int, attention_mask: Any, rotary: Any, **extra: Any
     ) -> None:
         from diffusers.models.embeddings import apply_rotary_emb
         from diffusers.models.transformers.transformer_flux2 import Flux2Modulation
 
         block, session = self.block, self.session
-        head_dim = attn.head_dim
         image_key, image_value, image_output = self.image_activations(attn, text_len, rotary)
         offset = int(call.extras.get("map_offset", 0))
         if offset:  # reference tokens before the generated ones (KV extract step): generated first
@@ -112,9 +112,7 @@ class Flux2ConceptProcessor(WrappingProcessor):
             call.extras["text_modulation"], 2
         )
         normed = (1 + scale_msa) * block.norm1_context(concepts) + shift_msa
-        query = attn.norm_added_q(attn.add_q_proj(normed).unflatten(-1, (-1, head_dim)))
-        key = attn.norm_added_k(attn.add_k_proj(normed).unflatten(-1, (-1, head_dim)))
-        value = attn.add_v_proj(normed).unflatten(-1, (-1, head_dim))
+        query, key, value = self.text_projections(attn, normed)
         concept_rotary = call.extras.get("concept_rotary")
         if rotary is not None and concept_rotary is not None:
             query = apply_rotary_emb(query, concept_rotary, sequence_dim=1)
@@ -146,8 +144,10 @@ class Flux2KVConceptProcessor(Flux2ConceptProcessor):
         kv_cache_mode: str | None = None,
         num_ref_tokens: int = 0,
     ) -> Any:
-        extra = {"kv_cache": kv_cache, "kv_cache_mode": kv_cache_mode, "num_ref_tokens": num_ref_tokens}
-        return self._run(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, extra)
+        return self._run(
+            attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb,
+            kv_cache=kv_cache, kv_cache_mode=kv_cache_mode, num_ref_tokens=num_ref_tokens,
+        )
 
 
 @register_adapter
@@ -167,9 +167,7 @@ class Flux2Adapter(ModelAdapter):
         super().__init__(transformer)
         if concept_positions is not None:
             self.concept_positions = concept_positions
-        self._concept_rows: torch.Tensor | None = None
         self._encoded_positions: list[torch.Tensor] | None = None
-        self._session: "ConceptAttention | None" = None
 
     @property
     def dual_blocks(self) -> Sequence[nn.Module]:
@@ -189,7 +187,7 @@ class Flux2Adapter(ModelAdapter):
                 f"{type(pipeline).__name__} has no FLUX.2 prompt encoder (text_encoder/encode_prompt); "
                 "pass concept_embeds=[...] to encode concepts yourself"
             )
-        length = int(max_sequence_length or _call_default(pipeline, "max_sequence_length") or 512)
+        length = sequence_length(pipeline, max_sequence_length, 512)
         calls: list[tuple[torch.Tensor, torch.Tensor | None]] = []
 
         def grab(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -224,9 +222,7 @@ class Flux2Adapter(ModelAdapter):
 
     # ------------------------------------------------------------------ real images
     def image_size_rule(self, pipeline: Any) -> tuple[int, int]:
-        scale = int(getattr(pipeline, "vae_scale_factor", 8))
-        native = int(getattr(pipeline, "default_sample_size", 128)) * scale
-        return native, scale * 2
+        return latent_size_rule(pipeline, 2)  # 2×2 latent patches (``_encode_vae_image`` patchifies)
 
     def explain_inputs(
         self,
@@ -244,14 +240,11 @@ class Flux2Adapter(ModelAdapter):
         device, dtype = transformer.device, transformer.dtype
         with torch.no_grad():
             encoded = pipeline._encode_vae_image(pixels.to(device=device, dtype=pipeline.vae.dtype), generator)
-        latents = encoded.to(dtype).expand(num_samples, -1, -1, -1)
-        if noise is None:
-            noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
-        noised = (1.0 - timestep) * latents + timestep * noise
-        length = max_sequence_length or _call_default(pipeline, "max_sequence_length") or 512
+        noised = self.flow_noised(encoded.to(dtype).expand(num_samples, -1, -1, -1), timestep, noise, generator)
+        length = sequence_length(pipeline, max_sequence_length, 512)
         with torch.no_grad():
             prompt_embeds, text_ids = pipeline.encode_prompt(
-                prompt=prompt, device=device, num_images_per_prompt=num_samples, max_sequence_length=int(length)
+                prompt=prompt, device=device, num_images_per_prompt=num_samples, max_sequence_length=length
             )
         inputs = {
             "hidden_states": pipeline._pack_latents(noised),
@@ -262,7 +255,7 @@ class Flux2Adapter(ModelAdapter):
             "return_dict": False,
         }
         if transformer.config.guidance_embeds:
-            guidance = _call_default(pipeline, "guidance_scale") or 4.0
+            guidance = call_default(pipeline, "guidance_scale") or 4.0
             inputs["guidance"] = torch.full((num_samples,), float(guidance), device=device, dtype=torch.float32)
         return inputs
 
@@ -285,14 +278,6 @@ class Flux2Adapter(ModelAdapter):
             return torch.cat(known).long()
         return torch.cat([torch.arange(int(n)) for n in sizes])
 
-    def _rows(self, session: "ConceptAttention", dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        rows = self._concept_rows
-        if rows is None or rows.dtype != dtype or rows.device != device:
-            embeds = torch.cat([e.to(device=device, dtype=dtype) for e in session.concept_embeds], dim=0)
-            rows = self.transformer.context_embedder(embeds)
-            self._concept_rows = rows
-        return rows
-
     # ------------------------------------------------------------------ calls
     def begin_call(self, bound: inspect.BoundArguments, call: "CallState") -> None:
         arguments = bound.arguments
@@ -309,33 +294,21 @@ class Flux2Adapter(ModelAdapter):
         start, count = int(where[0]), int(where.numel())
         if int(where[-1]) - start + 1 != count:
             raise ValueError("the generated image's tokens are not contiguous in img_ids")
-        rows = ids[start : start + count, 1].long()
-        cols = ids[start : start + count, 2].long()
-        height = int(rows.max() - rows.min()) + 1
-        width = int(cols.max() - cols.min()) + 1
-        if height * width != count:
-            raise ValueError(f"cannot read an image grid from img_ids: {count} tokens, rows×cols = {height}×{width}")
         call.batch_size = hidden.shape[0]
-        call.grid = (height, width)
+        call.grid = grid_from_ids(ids[start : start + count])
         call.num_map_tokens = count
         call.extras["map_offset"] = start
-        timestep = arguments.get("timestep")
-        if isinstance(timestep, torch.Tensor) and timestep.numel() > 0:
-            call.timestep = float(timestep.flatten()[0])
-        elif isinstance(timestep, (int, float)):
-            call.timestep = float(timestep)
+        call.timestep = timestep_value(arguments.get("timestep"))
         session = self._session
         assert session is not None
-        rows_embedded = self._rows(session, hidden.dtype, hidden.device)
-        call.concepts = rows_embedded.unsqueeze(0).expand(call.batch_size, -1, -1)
+        call.concepts = self.concept_rows(hidden.dtype, hidden.device).unsqueeze(0).expand(call.batch_size, -1, -1)
         positions = self._positions(session.groups.sizes).to(ids.device)
         concept_ids = torch.zeros(positions.shape[0], ids.shape[-1], dtype=ids.dtype, device=ids.device)
         concept_ids[:, -1] = positions.to(ids.dtype)
         call.extras["concept_rotary"] = self.transformer.pos_embed(concept_ids)
 
     def _on_text_modulation(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        session = self._session
-        call = session.current_call if session is not None else None
+        call = self.current_call
         if call is not None:
             call.extras["text_modulation"] = output
 
@@ -343,9 +316,8 @@ class Flux2Adapter(ModelAdapter):
     def install(self, session: "ConceptAttention", blocks: Sequence[int]) -> None:
         from diffusers.models.transformers.transformer_flux2 import Flux2KVAttnProcessor
 
-        self._session = session
-        self._concept_rows = None
         self._positions(session.groups.sizes)  # validate the policy before touching the model
+        self.attach(session)
 
         def make_wrapper(original: Any, block: nn.Module, index: int) -> Flux2ConceptProcessor:
             kind = Flux2KVConceptProcessor if isinstance(original, Flux2KVAttnProcessor) else Flux2ConceptProcessor
@@ -354,11 +326,6 @@ class Flux2Adapter(ModelAdapter):
         self.wrap_processors(blocks, "attn", _known_processor_classes(), make_wrapper)
         handle = self.transformer.double_stream_modulation_txt.register_forward_hook(self._on_text_modulation)
         self.on_undo(handle.remove)
-        self.on_undo(self._forget_session)
-
-    def _forget_session(self) -> None:
-        self._session = None
-        self._concept_rows = None
 
 
 def concept_token_span(ids: torch.Tensor, mask: torch.Tensor, template: Sequence[int]) -> torch.Tensor:

@@ -47,15 +47,17 @@ Choices specific to this family:
 from __future__ import annotations
 
 import inspect
-import sys
 from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 import torch
 from torch import nn
 
-from ..core.scoring import BlockActivations, concept_attention
 from ..loading import pipeline_defaults
-from .base import ModelAdapter, register_adapter
+from .base import (
+    ModelAdapter, latent_size_rule, pooled_text_modulation, register_adapter, running_pipeline, timestep_value,
+)
+from .encoding import select_rows, sequence_length, word_positions
+from .wrapping import Capture, WrappingProcessor
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..core.session import CallState, ConceptAttention
@@ -73,70 +75,32 @@ def _processor_classes() -> tuple[tuple[type, ...], tuple[type, ...]]:
     return plain + fused, fused
 
 
-def running_pipeline(transformer: nn.Module, max_depth: int = 100) -> Any:
-    """The pipeline whose ``__call__`` is calling ``transformer`` right now, or None.
-
-    Pipeline attributes such as ``do_classifier_free_guidance`` keep their last value after a
-    run, so they only describe a call made by a running pipeline; a direct transformer call (a
-    bare call, ``explain``) is told apart by looking for a ``__call__`` frame of a pipeline that
-    holds this transformer (any pipeline sharing it, not only the one given to the session).
-    """
-    frame = sys._getframe(1)
-    depth = 0
-    while frame is not None and depth < max_depth:
-        if frame.f_code.co_name == "__call__":
-            owner = frame.f_locals.get("self")
-            if getattr(owner, "transformer", None) is transformer:
-                return owner
-        frame = frame.f_back
-        depth += 1
-    return None
-
-
-class _Capture:
-    """Image keys/values/outputs of one joint attention, read through sub-module hooks."""
+class _Capture(Capture):
+    """Image keys/values/outputs of one joint attention; keys are head-major when qk-normed."""
 
     def __init__(self) -> None:
-        self.enabled = False
-        self.image_key: torch.Tensor | None = None  # (B, N, inner) or (B, H, N, D) when head_major
-        self.key_head_major = False
-        self.image_value: torch.Tensor | None = None  # (B, N, inner)
-        self.image_output: torch.Tensor | None = None  # (B, N, inner), before to_out
-
-    def clear(self) -> None:
-        self.image_key = self.image_value = self.image_output = None
-
-    def on_key(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        if self.enabled:
-            self.image_key = output
-
-    def on_value(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        if self.enabled:
-            self.image_value = output
+        super().__init__()
+        self.key_head_major = False  # image_key is (B, H, N, D) (after norm_k), else (B, N, inner)
 
     def on_qkv(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        """Fused ``to_qkv`` (no qk-norm in the fused processor): keys and values."""
         if self.enabled:
             _, self.image_key, self.image_value = output.chunk(3, dim=-1)
 
-    def on_to_out(self, module: nn.Module, args: tuple) -> None:
-        if self.enabled:
-            self.image_output = args[0]
 
-
-class SD3ConceptProcessor:
+class SD3ConceptProcessor(WrappingProcessor):
     """Wraps a joint block's SD3 attention processor and runs the concept stream beside it.
 
     Returns exactly what the wrapped processor returns; all concept state lives on the session.
     """
 
+    family_label = "SD3"
+    processor_label = "joint attention processor"
+    capture_class = _Capture
+
     def __init__(self, inner: Any, block: nn.Module, block_index: int, session: "ConceptAttention") -> None:
-        self.inner = inner
-        self.block = block
-        self.block_index = block_index
-        self.session = session
+        super().__init__(inner, block, block_index, session)
         self.fused = isinstance(inner, _processor_classes()[1])
-        self.capture = _Capture()
-        self._handles: list[Any] = []
 
     # Attention.forward filters kwargs by this signature: keep it identical to JointAttnProcessor2_0.
     def __call__(
@@ -148,20 +112,7 @@ class SD3ConceptProcessor:
         *args: Any,
         **kwargs: Any,
     ) -> Any:
-        call = self.session.current_call
-        if call is None or encoder_hidden_states is None or call.concepts is None:
-            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
-        self.capture.enabled = True
-        try:
-            outputs = self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
-        finally:
-            self.capture.enabled = False
-        try:
-            with torch.no_grad():
-                self._concept_step(attn, call)
-        finally:
-            self.capture.clear()
-        return outputs
+        return self._run(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
 
     def hook(self, attn: nn.Module) -> None:
         capture = self.capture
@@ -174,27 +125,21 @@ class SD3ConceptProcessor:
                 key_module.register_forward_hook(capture.on_key),
                 attn.to_v.register_forward_hook(capture.on_value),
             ]
-        self._handles.append(attn.to_out[0].register_forward_pre_hook(capture.on_to_out))
+        self._handles.append(attn.to_out[0].register_forward_pre_hook(capture.on_output))
 
-    def unhook(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+    def _hook_fused_projection(self, attn: nn.Module) -> None:
+        """Nothing to add at call time: :meth:`hook` knew from the processor class whether it is fused."""
 
-    def _concept_step(self, attn: nn.Module, call: "CallState") -> None:
-        capture, block, session = self.capture, self.block, self.session
-        if capture.image_key is None or capture.image_value is None or capture.image_output is None:
-            raise RuntimeError(
-                "the SD3 joint attention processor did not expose image keys/values/outputs as expected; "
-                "this diffusers version is not supported by the SD3 adapter"
-            )
+    def _concept_step(self, attn: nn.Module, call: "CallState", text_len: int, *args: Any, **kwargs: Any) -> None:
+        block, session = self.block, self.session
+        image_key, image_value, image_output = self.captured()
         heads = attn.heads
-        if capture.key_head_major:
-            image_key = capture.image_key.transpose(1, 2)
+        if self.capture.key_head_major:
+            image_key = image_key.transpose(1, 2)
         else:
-            image_key = capture.image_key.unflatten(-1, (heads, -1))
-        image_value = capture.image_value.unflatten(-1, (heads, -1))
-        image_output = capture.image_output.unflatten(-1, (heads, -1))
+            image_key = image_key.unflatten(-1, (heads, -1))
+        image_value = image_value.unflatten(-1, (heads, -1))
+        image_output = image_output.unflatten(-1, (heads, -1))
 
         concepts = call.concepts
         temb = call.extras["concept_temb"]
@@ -211,26 +156,8 @@ class SD3ConceptProcessor:
                 query = attn.norm_added_q(query)
             if attn.norm_added_k is not None:
                 key = attn.norm_added_k(key)
-        concept_output = concept_attention(
-            query,
-            key,
-            value,
-            image_key,
-            image_value,
-            cross_attention=session.concept_cross_attention,
-            self_attention=session.concept_self_attention,
-        ).to(query.dtype)
-        session.record(
-            self.block_index,
-            BlockActivations(
-                concept_query=query,
-                concept_key=key,
-                concept_value=value,
-                image_key=image_key,
-                image_value=image_value,
-                image_output=image_output,
-                concept_output=concept_output,
-            ),
+        concept_output = session.attend_and_record(
+            self.block_index, query, key, value, image_key, image_value, image_output
         )
         if block.context_pre_only:
             return  # the last block has no text output projection or MLP: the concept stream ends
@@ -252,8 +179,6 @@ class SD3Adapter(ModelAdapter):
 
     def __init__(self, transformer: nn.Module) -> None:
         super().__init__(transformer)
-        self._session: "ConceptAttention | None" = None
-        self._concept_rows: torch.Tensor | None = None
         self._wrappers: dict[int, SD3ConceptProcessor] = {}
         self._all_wrappers: list[SD3ConceptProcessor] = []
 
@@ -288,7 +213,7 @@ class SD3Adapter(ModelAdapter):
                 f"sd3_concept_tokens={choice!r} needs the T5 encoder, but this pipeline has text_encoder_3=None; "
                 "use 'clip'"
             )
-        length = int(max_sequence_length or _call_default(pipeline, "max_sequence_length") or 256)
+        length = sequence_length(pipeline, max_sequence_length, 256)
         with torch.no_grad():
             embeds = pipeline.encode_prompt(
                 prompt=list(concepts), prompt_2=None, prompt_3=None, device=pipeline._execution_device,
@@ -302,18 +227,11 @@ class SD3Adapter(ModelAdapter):
         if choice in ("t5", "both"):
             for i, found in enumerate(word_positions(pipeline.tokenizer_3, concepts, length)):
                 rows[i] += [clip_length + j for j in found]
-        result = []
-        for i, name in enumerate(concepts):
-            if not rows[i]:
-                raise ValueError(f"concept {name!r} has no tokens left after removing special tokens")
-            result.append(embeds[i, rows[i]].float().cpu())
-        return result
+        return select_rows(concepts, embeds, rows)
 
     # ------------------------------------------------------------------ real images
     def image_size_rule(self, pipeline: Any) -> tuple[int, int]:
-        scale = int(getattr(pipeline, "vae_scale_factor", 8))
-        native = int(getattr(pipeline, "default_sample_size", 128)) * scale
-        return native, scale * int(self.transformer.config.patch_size)
+        return latent_size_rule(pipeline, int(self.transformer.config.patch_size))
 
     def explain_inputs(
         self,
@@ -329,7 +247,7 @@ class SD3Adapter(ModelAdapter):
         transformer = self.transformer
         device, dtype = transformer.device, transformer.dtype
         noised = self.noised_latents(pipeline, pixels, timestep, noise, num_samples, generator)
-        length = int(max_sequence_length or _call_default(pipeline, "max_sequence_length") or 256)
+        length = sequence_length(pipeline, max_sequence_length, 256)
         with torch.no_grad():
             prompt_embeds, _, pooled, _ = pipeline.encode_prompt(
                 prompt=prompt, prompt_2=None, prompt_3=None, device=device, num_images_per_prompt=num_samples,
@@ -361,13 +279,9 @@ class SD3Adapter(ModelAdapter):
         call.batch_size = hidden.shape[0]
         call.grid = (hidden.shape[-2] // patch, hidden.shape[-1] // patch)
         call.num_map_tokens = call.grid[0] * call.grid[1]
-        timestep = arguments.get("timestep")
-        if isinstance(timestep, torch.Tensor) and timestep.numel() > 0:
-            call.timestep = float(timestep.flatten()[0]) / 1000.0  # noise level, as FLUX pipelines pass it
-        elif isinstance(timestep, (int, float)):
-            call.timestep = float(timestep) / 1000.0
-        session = self._session
-        assert session is not None
+        timestep = timestep_value(arguments.get("timestep"))
+        if timestep is not None:
+            call.timestep = timestep / 1000.0  # noise level, as FLUX pipelines pass it
         pipeline = running_pipeline(self.transformer)
         if (
             call.batch_size % 2 == 0
@@ -376,33 +290,13 @@ class SD3Adapter(ModelAdapter):
             and not arguments.get("skip_layers")
         ):
             call.map_rows = slice(call.batch_size // 2, call.batch_size)  # [uncond, cond]
-        rows = self._rows(session, hidden.dtype, hidden.device)
-        call.concepts = rows.unsqueeze(0).expand(call.batch_size, -1, -1)
-
-    def _rows(self, session: "ConceptAttention", dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        rows = self._concept_rows
-        if rows is None or rows.dtype != dtype or rows.device != device:
-            embeds = torch.cat([e.to(device=device, dtype=dtype) for e in session.concept_embeds], dim=0)
-            rows = self.transformer.context_embedder(embeds)
-            self._concept_rows = rows
-        return rows
+        call.concepts = self.concept_rows(hidden.dtype, hidden.device).unsqueeze(0).expand(call.batch_size, -1, -1)
 
     def _on_time_embedding(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        session = self._session
-        call = session.current_call if session is not None else None
-        if call is None:
-            return
-        if session.concept_modulation == "prompt":
-            call.extras["concept_temb"] = output
-        else:
-            pooled = args[-1]
-            with torch.no_grad():
-                call.extras["concept_temb"] = module.forward(*args[:-1], torch.zeros_like(pooled))
+        pooled_text_modulation(self._session, module, args, output)
 
     # ------------------------------------------------------------------ install
     def install(self, session: "ConceptAttention", blocks: Sequence[int]) -> None:
-        self._session = session
-        self._concept_rows = None
         known, _ = _processor_classes()
         all_blocks = self.dual_blocks
         for index in blocks:
@@ -413,7 +307,7 @@ class SD3Adapter(ModelAdapter):
                     f"not know (expected {', '.join(c.__name__ for c in known)}); remove IP-adapters, PAG or "
                     "custom processors before using ConceptAttention"
                 )
-        self.on_undo(self._forget_session)
+        self.attach(session)
         self.on_undo(self._unwrap_all)
         for index in blocks:
             self._wrap(index)
@@ -458,28 +352,3 @@ class SD3Adapter(ModelAdapter):
             wrapper.unhook()
         self._all_wrappers.clear()
         self._wrappers.clear()
-
-    def _forget_session(self) -> None:
-        self._session = None
-        self._concept_rows = None
-
-
-def word_positions(tokenizer: Any, texts: Sequence[str], length: int) -> list[list[int]]:
-    """Positions of each text's word pieces (no special or padding tokens) when padded to ``length``."""
-    batch = tokenizer(list(texts), padding="max_length", max_length=length, truncation=True, return_tensors="pt")
-    ids = batch.input_ids
-    mask = batch.attention_mask.bool() if "attention_mask" in batch else torch.ones_like(ids, dtype=torch.bool)
-    special = set(getattr(tokenizer, "all_special_ids", []))
-    return [
-        [j for j in range(ids.shape[1]) if mask[i, j] and int(ids[i, j]) not in special] for i in range(len(texts))
-    ]
-
-
-def _call_default(pipeline: Any, name: str) -> Any:
-    try:
-        parameter = inspect.signature(type(pipeline).__call__).parameters.get(name)
-    except (TypeError, ValueError):
-        return None
-    if parameter is None or parameter.default is inspect.Parameter.empty:
-        return None
-    return parameter.default

@@ -1,15 +1,16 @@
-"""The processor wrapper shared by FLUX-style attentions (FLUX.1, Chroma, FLUX.2).
+"""The processor wrapper shared by every family (FLUX.1, Chroma, FLUX.2, SD3, CogVideoX).
 
 The wrapper calls the block's original processor unchanged (so its outputs are exactly the
 original ones) and reads what the concept stream needs through forward hooks on the attention's own
-sub-modules: image keys after qk-norm (``norm_k``), image values (``to_v`` or the fused ``to_qkv``)
-and the image attention output before the output projection (input of ``to_out[0]``). Subclasses
-implement ``_concept_step``.
+sub-modules: keys after qk-norm (``norm_k``), values (``to_v`` or the fused ``to_qkv``) and the
+attention output before the output projection (input of ``to_out[0]``). Subclasses implement
+``_concept_step`` (and ``hook`` where their attention exposes these differently);
+:class:`FluxStyleProcessor` adds the image-token reading of FLUX-style attentions.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -30,90 +31,81 @@ class Capture:
     def clear(self) -> None:
         self.image_key = self.image_value = self.image_output = None
 
-    def on_norm_k(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+    def on_key(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         if self.enabled:
             self.image_key = output
 
-    def on_to_v(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+    def on_value(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         if self.enabled:
             self.image_value = output
 
-    def on_to_qkv(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+    def on_qkv(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        """Fused ``to_qkv``: the value third (keys still come from ``norm_k``)."""
         if self.enabled:
             self.image_value = output.chunk(3, dim=-1)[2]
 
-    def on_to_out(self, module: nn.Module, args: tuple) -> None:
+    def on_output(self, module: nn.Module, args: tuple) -> None:
         if self.enabled:
             self.image_output = args[0]
 
 
 class WrappingProcessor:
-    """Base of the FLUX-style concept processors; all concept state lives on the session."""
+    """Base of the concept processors; all concept state lives on the session."""
 
-    family_label = "FLUX"
+    family_label: ClassVar[str] = "FLUX"
+    processor_label: ClassVar[str] = "attention processor"
+    captured_label: ClassVar[str] = "image keys/values/outputs"
+    capture_class: ClassVar[type[Capture]] = Capture
 
     def __init__(self, inner: Any, block: nn.Module, block_index: int, session: "ConceptAttention") -> None:
         self.inner = inner
         self.block = block
         self.block_index = block_index
         self.session = session
-        self.capture = Capture()
+        self.capture = self.capture_class()
         self._qkv_hooked: nn.Module | None = None
         self._handles: list[Any] = []
 
-    def _run(
-        self,
-        attn: nn.Module,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None,
-        attention_mask: torch.Tensor | None,
-        image_rotary_emb: Any,
-        extra: dict[str, Any],
-    ) -> Any:
+    def _run(self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None,
+             *args: Any, **kwargs: Any) -> Any:
+        """Call the original processor with exactly these arguments; then, in a mapped call, the concept step.
+
+        ``_concept_step`` receives the prompt length and the arguments after ``encoder_hidden_states``.
+        """
         call = self.session.current_call
         if call is None or encoder_hidden_states is None or call.concepts is None:
-            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, **extra)
+            return self.inner(attn, hidden_states, encoder_hidden_states, *args, **kwargs)
         self._hook_fused_projection(attn)
         self.capture.enabled = True
         try:
-            outputs = self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, **extra)
+            outputs = self.inner(attn, hidden_states, encoder_hidden_states, *args, **kwargs)
         finally:
             self.capture.enabled = False
         try:
             with torch.no_grad():
-                self._concept_step(attn, call, encoder_hidden_states.shape[1], image_rotary_emb, extra)
+                self._concept_step(attn, call, encoder_hidden_states.shape[1], *args, **kwargs)
         finally:
             self.capture.clear()
         return outputs
 
-    def _concept_step(self, attn: nn.Module, call: "CallState", text_len: int, rotary: Any,
-                      extra: dict[str, Any]) -> None:
+    def _concept_step(self, attn: nn.Module, call: "CallState", text_len: int, *args: Any, **kwargs: Any) -> None:
         raise NotImplementedError
 
-    def image_activations(self, attn: nn.Module, text_len: int, rotary: Any) -> tuple[torch.Tensor, ...]:
-        """Image keys (rotated like the original's), values and pre-projection outputs, (B, N, H, D)."""
+    def captured(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The captured (key, value, output) of this call, or an error naming the unsupported version."""
         capture = self.capture
         if capture.image_key is None or capture.image_value is None or capture.image_output is None:
             raise RuntimeError(
-                f"the {self.family_label} attention processor did not expose image keys/values/outputs as "
+                f"the {self.family_label} {self.processor_label} did not expose {self.captured_label} as "
                 f"expected; this diffusers version is not supported by the {self.family_label} adapter"
             )
-        head_dim = attn.head_dim
-        image_key = capture.image_key
-        if rotary is not None:
-            from diffusers.models.embeddings import apply_rotary_emb
-
-            cos, sin = rotary
-            image_key = apply_rotary_emb(image_key, (cos[text_len:], sin[text_len:]), sequence_dim=1)
-        image_value = capture.image_value.unflatten(-1, (-1, head_dim))
-        image_output = capture.image_output.unflatten(-1, (-1, head_dim))
-        return image_key, image_value, image_output
+        return capture.image_key, capture.image_value, capture.image_output
 
     def hook(self, attn: nn.Module) -> None:
         self._handles += [
-            attn.norm_k.register_forward_hook(self.capture.on_norm_k),
-            attn.to_v.register_forward_hook(self.capture.on_to_v),
-            attn.to_out[0].register_forward_pre_hook(self.capture.on_to_out),
+            attn.norm_k.register_forward_hook(self.capture.on_key),
+            attn.to_v.register_forward_hook(self.capture.on_value),
+            attn.to_out[0].register_forward_pre_hook(self.capture.on_output),
         ]
 
     def unhook(self) -> None:
@@ -125,5 +117,31 @@ class WrappingProcessor:
     def _hook_fused_projection(self, attn: nn.Module) -> None:
         fused = getattr(attn, "to_qkv", None) if getattr(attn, "fused_projections", False) else None
         if fused is not None and fused is not self._qkv_hooked:
-            self._handles.append(fused.register_forward_hook(self.capture.on_to_qkv))
+            self._handles.append(fused.register_forward_hook(self.capture.on_qkv))
             self._qkv_hooked = fused
+
+
+class FluxStyleProcessor(WrappingProcessor):
+    """FLUX-style attentions (FLUX.1, Chroma, FLUX.2): image keys normed apart from the text's."""
+
+    def image_activations(self, attn: nn.Module, text_len: int, rotary: Any) -> tuple[torch.Tensor, ...]:
+        """Image keys (rotated like the original's), values and pre-projection outputs, (B, N, H, D)."""
+        image_key, image_value, image_output = self.captured()
+        head_dim = attn.head_dim
+        if rotary is not None:
+            from diffusers.models.embeddings import apply_rotary_emb
+
+            cos, sin = rotary
+            image_key = apply_rotary_emb(image_key, (cos[text_len:], sin[text_len:]), sequence_dim=1)
+        image_value = image_value.unflatten(-1, (-1, head_dim))
+        image_output = image_output.unflatten(-1, (-1, head_dim))
+        return image_key, image_value, image_output
+
+    @staticmethod
+    def text_projections(attn: nn.Module, normed: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Concept queries, keys (qk-normed) and values from the attention's text weights, (B, r, H, D)."""
+        head_dim = attn.head_dim
+        query = attn.norm_added_q(attn.add_q_proj(normed).unflatten(-1, (-1, head_dim)))
+        key = attn.norm_added_k(attn.add_k_proj(normed).unflatten(-1, (-1, head_dim)))
+        value = attn.add_v_proj(normed).unflatten(-1, (-1, head_dim))
+        return query, key, value

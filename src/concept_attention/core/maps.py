@@ -243,6 +243,8 @@ class ConceptMaps:
         and ``figure.png``. Video maps instead get ``<concept>.mp4`` (or ``.gif``: ``video_format``)
         with the heat map over the frames (``frames`` or ``self.frames``, else the bare heat map)
         and ``contact_sheet.png`` (a few frames × concepts); see :mod:`concept_attention.video`.
+        The frames themselves go to ``frames/0000.png``, ... and the image of video maps to
+        ``image.png``, so that :meth:`load` restores every field.
         """
         from .. import __version__
 
@@ -250,6 +252,11 @@ class ConceptMaps:
         out.mkdir(parents=True, exist_ok=True)
         image = image if image is not None else self.image
         base = viz.to_rgb_image(image) if image is not None else None
+        source = frames if frames is not None else self.frames
+        if source is not None:
+            from .. import video
+
+            source = video.to_frames(source)
         files: dict[str, str] = {}
         for i, name in enumerate(self.concepts):
             stem = concept_filename(name)
@@ -261,8 +268,9 @@ class ConceptMaps:
                 self.to_pil(i, batch_index, size=size, cmap=cmap).save(out / f"{stem}.png")
                 if base is not None:
                     self.overlay(base, i, batch_index, alpha=alpha, cmap=cmap).save(out / f"{stem}_overlay.png")
-        if base is not None and self.tensor.dim() == 4:
+        if base is not None:
             base.save(out / "image.png")
+        if base is not None and self.tensor.dim() == 4:
             labels = viz.upsample(self.tensor[batch_index : batch_index + 1], (base.height, base.width)).argmax(1)[0]
             viz.segmentation_image(labels.numpy(), len(self.concepts)).save(out / "segmentation.png")
             if figure:
@@ -282,12 +290,16 @@ class ConceptMaps:
         if self.is_video:
             from .. import video
 
-            source = frames if frames is not None else self.frames
-            source = video.to_frames(source) if source is not None else None
             video_files = video.save_video_maps(
                 self, out, files, source, batch_index=batch_index, fps=fps, video_format=video_format,
                 cmap=cmap, alpha=alpha,
             )
+        frame_files = None
+        if source is not None:
+            (out / "frames").mkdir(exist_ok=True)
+            frame_files = [f"frames/{index:04d}.png" for index in range(len(source))]
+            for name, frame in zip(frame_files, source):
+                frame.save(out / name)
         np.savez_compressed(out / "maps.npz", **arrays)
         meta = {
             "format_version": FORMAT_VERSION,
@@ -301,13 +313,27 @@ class ConceptMaps:
             "softmax": self.softmax,
             "shape": list(self.tensor.shape),
             "other_spaces": sorted(self.others),
+            "others": {space: other._fields_meta() for space, other in sorted(self.others.items())},
             "image_size": [base.width, base.height] if base is not None else None,
             "meta": _jsonable(self.meta),
         }
         if video_files is not None:
             meta["video_files"] = video_files
+        if frame_files is not None:
+            meta["frame_files"] = frame_files
         (out / "meta.json").write_text(json.dumps(meta, indent=2))
         return out
+
+    def _fields_meta(self) -> dict[str, Any]:
+        """The non-tensor fields :meth:`load` restores, as JSON."""
+        return {
+            "concepts": self.concepts,
+            "layers": self.layers,
+            "timesteps": self.timesteps,
+            "steps": self.steps,
+            "softmax": self.softmax,
+            "meta": _jsonable(self.meta),
+        }
 
     def _default_compare(self) -> "ConceptMaps | None":
         if self.space == "output" and "cross_attention" in self.others:
@@ -316,7 +342,7 @@ class ConceptMaps:
 
     @classmethod
     def load(cls, directory: str | Path) -> "ConceptMaps":
-        """Restore maps written by :meth:`save` (exact float32 round-trip, image included)."""
+        """Restore maps written by :meth:`save` (exact float32 round-trip, image and video frames included)."""
         path = Path(directory)
         meta_path, npz_path = path / "meta.json", path / "maps.npz"
         if not meta_path.is_file() or not npz_path.is_file():
@@ -325,26 +351,35 @@ class ConceptMaps:
         with np.load(npz_path) as arrays:
             loaded = {key: torch.from_numpy(arrays[key].copy()) for key in arrays.files}
 
-        def build(space: str, suffix: str) -> "ConceptMaps":
+        def build(space: str, suffix: str, fields: dict[str, Any]) -> "ConceptMaps":
             return cls(
                 tensor=loaded[f"maps{suffix}"],
-                concepts=list(meta["concepts"]),
-                layers=list(meta["layers"]),
-                timesteps=list(meta.get("timesteps", [])),
-                steps=list(meta.get("steps", [])),
+                concepts=list(fields["concepts"]),
+                layers=list(fields["layers"]),
+                timesteps=list(fields.get("timesteps", [])),
+                steps=list(fields.get("steps", [])),
                 space=space,
-                softmax=bool(meta.get("softmax", True)),
+                softmax=bool(fields.get("softmax", True)),
                 per_layer=loaded.get(f"per_layer{suffix}"),
-                meta=dict(meta.get("meta", {})),
+                meta=dict(fields.get("meta", {})),
             )
 
-        maps = build(meta.get("space", "output"), "")
-        maps.others = {space: build(space, f"__{space}") for space in meta.get("other_spaces", [])}
+        maps = build(meta.get("space", "output"), "", meta)
+        others = meta.get("others", {})  # per-space fields (older folders: the main ones)
+        maps.others = {
+            space: build(space, f"__{space}", others.get(space, meta)) for space in meta.get("other_spaces", [])
+        }
         image_path = path / "image.png"
         if image_path.is_file():
-            with Image.open(image_path) as picture:
-                maps.image = picture.convert("RGB")
+            maps.image = _read_rgb(image_path)
+        if "frame_files" in meta:
+            maps.frames = [_read_rgb(path / name) for name in meta["frame_files"]]
         return maps
+
+
+def _read_rgb(path: Path) -> Image.Image:
+    with Image.open(path) as picture:
+        return picture.convert("RGB")
 
 
 def _jsonable(value: Any) -> Any:
