@@ -35,6 +35,35 @@ def recent_loss(loss_csv: Path, step: int, window: int = 200) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def caption_reliance(model_dir: Path, levels=(0.6, 0.9), count: int = 48) -> dict[str, float]:
+    """Flow loss with the empty caption minus with the true caption on ``count`` training-style scenes.
+
+    Zero means the model ignores the caption at that noise level; the larger, the more it uses it.
+    """
+    import torch
+
+    from concept_attention import load_pipeline
+    from train_embedded import latents_and_ids, make_batch
+
+    pipe = load_pipeline(model_dir)
+    images, captions = make_batch(12345, 0, count, caption_mode="full")
+    with torch.no_grad():
+        x0, ids = latents_and_ids(pipe, images)
+        out = {}
+        for level in levels:
+            losses = []
+            for prompts in (captions, [""] * count):
+                embeds, pooled, text_ids = pipe.encode_prompt(prompt=prompts, prompt_2=prompts, max_sequence_length=32)
+                eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+                noisy = (1 - level) * x0 + level * eps
+                pred = pipe.transformer(hidden_states=noisy, timestep=torch.full((count,), level), guidance=None,
+                                        pooled_projections=pooled, encoder_hidden_states=embeds, txt_ids=text_ids,
+                                        img_ids=ids, return_dict=False)[0]
+                losses.append(float(((pred - (eps - x0)) ** 2).mean()))
+            out[f"t={level}"] = round(losses[1] - losses[0], 5)
+    return out
+
+
 def summarise(results: dict, task: str, prompt: str) -> dict:
     """Default-block and best-single-block ConceptAttention scores for one task and prompt."""
     default = results[f"{task}|{prompt}|ConceptAttention (default blocks)"]
@@ -76,6 +105,7 @@ def main() -> None:
     results = json.loads((work / "scenes" / "scenes.json").read_text())["results"]
     point = {"step": step, "hours": round(wall / 3600, 3),
              "loss": recent_loss(Path(args.loss_csv or Path(args.ckpt).parent / "loss.csv"), step), "scenes": args.scenes}
+    point["caption_reliance"] = caption_reliance(model_dir)
     for task in ("colour", "shape"):
         for prompt in ("empty", "caption"):
             point[f"{task}|{prompt}"] = summarise(results, task, prompt)

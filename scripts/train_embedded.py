@@ -111,13 +111,13 @@ def latents_and_ids(pipe, images_u8):
     return packed, img_ids
 
 
-def flow_loss(pipe, images_u8, captions, generator=None):
+def flow_loss(pipe, images_u8, captions, generator=None, t_logit_mean: float = 0.0):
     x0, img_ids = latents_and_ids(pipe, images_u8)
     prompt_embeds, pooled, text_ids = pipe.encode_prompt(
         prompt=captions, prompt_2=captions, device=x0.device, num_images_per_prompt=1,
         max_sequence_length=MAX_SEQUENCE_LENGTH)
     b = x0.shape[0]
-    sigma = torch.sigmoid(torch.randn(b, generator=generator))
+    sigma = torch.sigmoid(torch.randn(b, generator=generator) + t_logit_mean)
     eps = torch.randn(x0.shape, generator=generator)
     s = sigma[:, None, None]
     xt = (1 - s) * x0 + s * eps
@@ -217,6 +217,10 @@ def parse_args(argv=None):
     ap.add_argument("--freeze-t5", action="store_true",
                     help="reset the T5 encoder to its seeded initial weights and freeze it (a fixed prompt encoder, as "
                          "FLUX.1 trains with a frozen T5); sticky once in a checkpoint")
+    ap.add_argument("--t-logit-mean", type=float, default=None,
+                    help="mean of the logit-normal noise-level distribution (0 = SD3's default; ln 3 ~ 1.1 shifts "
+                         "training towards high noise, where the caption decides the image); default: the "
+                         "checkpoint's value, else 0")
     ap.add_argument("--decay-start", type=int, default=0,
                     help="step where the learning rate starts a linear decay (0 = constant after warm-up)")
     ap.add_argument("--decay-steps", type=int, default=0, help="length of the linear decay")
@@ -308,6 +312,10 @@ def main(argv=None):
             setattr(args, flag, True)
         elif getattr(args, flag):
             history.append({"step": step, "change": flag})
+    if args.t_logit_mean is None:
+        args.t_logit_mean = float(previous.get("t_logit_mean") or 0.0)
+    elif float(previous.get("t_logit_mean") or 0.0) != args.t_logit_mean and previous:
+        history.append({"step": step, "change": f"t_logit_mean={args.t_logit_mean}"})
     args.history = history
     if args.zero_pooled:
         zero_pooled_pathway(pipe, ema, params)
@@ -348,7 +356,7 @@ def main(argv=None):
             lr = lr_at(step, args)
             for g in opt.param_groups:
                 g["lr"] = lr
-            loss = flow_loss(pipe, images, captions)
+            loss = flow_loss(pipe, images, captions, t_logit_mean=args.t_logit_mean)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], args.grad_clip)

@@ -38,7 +38,7 @@ def test_resume_continues_and_switches_are_sticky(train_module, tmp_path):
     first = torch.load(tmp_path / "last.pt", map_location="cpu", weights_only=False)
     assert first["step"] == 2 and not first["args"]["freeze_t5"]
 
-    run(train_module, tmp_path, "--resume", "--max-steps", "4", "--zero-pooled", "--freeze-t5")
+    run(train_module, tmp_path, "--resume", "--max-steps", "4", "--zero-pooled", "--freeze-t5", "--t-logit-mean", "1.1")
     run(train_module, tmp_path, "--resume", "--max-steps", "5")  # flags not repeated: still on
     rows = loss_rows(tmp_path)
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5]
@@ -46,7 +46,9 @@ def test_resume_continues_and_switches_are_sticky(train_module, tmp_path):
     last = torch.load(tmp_path / "last.pt", map_location="cpu", weights_only=False)
     assert last["step"] == 5
     assert last["args"]["zero_pooled"] and last["args"]["freeze_t5"]
-    assert last["args"]["history"] == [{"step": 2, "change": "zero_pooled"}, {"step": 2, "change": "freeze_t5"}]
+    assert last["args"]["t_logit_mean"] == 1.1
+    assert last["args"]["history"] == [{"step": 2, "change": "zero_pooled"}, {"step": 2, "change": "freeze_t5"},
+                                       {"step": 2, "change": "t_logit_mean=1.1"}]
 
     # the frozen T5 is exactly the seeded initial encoder, the pooled projection exactly zero
     fresh = train_module.load_models(str(VAE), seed=0)

@@ -53,7 +53,7 @@ TRANSFORMER_CONFIG = dict(
     pooled_projection_dim=TEXT_DIM, guidance_embeds=False, axes_dims_rope=(8, 12, 12),
 )
 
-SCHEDULER_CONFIG = dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False)
+SCHEDULER_CONFIG = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
 
 
 # --------------------------------------------------------------------------- tokenizers
