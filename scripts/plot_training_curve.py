@@ -38,13 +38,13 @@ def read_points(curve: Path) -> list[dict]:
 
 def markdown_table(points: list[dict]) -> str:
     lines = ["| step | hours | loss | colour identity (default / best block) | colour mIoU (best) "
-             "| shape identity (default / best block) | shape mIoU (best) | generated right shape / colour | caption reliance (t=0.9) |",
+             "| shape identity (default / best block) | shape mIoU (best) | generated right shape / colour | caption reliance (t=0.95) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for p in points:
         c, s = p["colour|empty"], p["shape|empty"]
         gen = p.get("generated_right_shape")
         gen_text = "" if gen is None else f"{gen:.2f} / {p['generated_right_colour']:.2f}"
-        reliance = p.get("caption_reliance", {}).get("t=0.9")
+        reliance = p.get("caption_reliance", {}).get("t=0.95")
         lines.append(
             f"| {p['step']} | {p['hours']:.2f} | {p['loss']:.3f} | {c['default']['identity']:.2f} / "
             f"{c['best']['identity']:.2f} (block {c['best_block']}) | {c['best']['miou']:.2f} | "

@@ -35,7 +35,7 @@ def recent_loss(loss_csv: Path, step: int, window: int = 200) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def caption_reliance(model_dir: Path, levels=(0.6, 0.9), count: int = 48) -> dict[str, float]:
+def caption_reliance(model_dir: Path, levels=(0.9, 0.95, 0.98), count: int = 48) -> dict[str, float]:
     """Flow loss with the empty caption minus with the true caption on ``count`` training-style scenes.
 
     Zero means the model ignores the caption at that noise level; the larger, the more it uses it.

@@ -40,6 +40,7 @@ from concept_attention.scenes import render_scene, training_caption
 
 HELDOUT_SEED_BASE = 1_000_000_000  # training scene seeds are < this
 TRAINABLE = ("transformer", "text_encoder", "text_encoder_2")
+RECIPE_DEFAULTS = {"t_logit_mean": 0.0, "t_high_frac": 0.0, "t_high_mean": 3.0}
 
 
 # --------------------------------------------------------------------------- data
@@ -111,13 +112,22 @@ def latents_and_ids(pipe, images_u8):
     return packed, img_ids
 
 
-def flow_loss(pipe, images_u8, captions, generator=None, t_logit_mean: float = 0.0):
+def sample_noise_levels(b: int, generator=None, t_logit_mean: float = 0.0, t_high_frac: float = 0.0,
+                        t_high_mean: float = 3.0) -> torch.Tensor:
+    """Noise levels: logit-normal(t_logit_mean, 1); a fraction ``t_high_frac`` from logit-normal(t_high_mean, 1)."""
+    z = torch.randn(b, generator=generator)
+    high = torch.rand(b, generator=generator) < t_high_frac
+    return torch.sigmoid(z + torch.where(high, t_high_mean, t_logit_mean))
+
+
+def flow_loss(pipe, images_u8, captions, generator=None, t_logit_mean: float = 0.0, t_high_frac: float = 0.0,
+              t_high_mean: float = 3.0):
     x0, img_ids = latents_and_ids(pipe, images_u8)
     prompt_embeds, pooled, text_ids = pipe.encode_prompt(
         prompt=captions, prompt_2=captions, device=x0.device, num_images_per_prompt=1,
         max_sequence_length=MAX_SEQUENCE_LENGTH)
     b = x0.shape[0]
-    sigma = torch.sigmoid(torch.randn(b, generator=generator) + t_logit_mean)
+    sigma = sample_noise_levels(b, generator, t_logit_mean, t_high_frac, t_high_mean)
     eps = torch.randn(x0.shape, generator=generator)
     s = sigma[:, None, None]
     xt = (1 - s) * x0 + s * eps
@@ -221,6 +231,10 @@ def parse_args(argv=None):
                     help="mean of the logit-normal noise-level distribution (0 = SD3's default; ln 3 ~ 1.1 shifts "
                          "training towards high noise, where the caption decides the image); default: the "
                          "checkpoint's value, else 0")
+    ap.add_argument("--t-high-frac", type=float, default=None,
+                    help="fraction of noise levels drawn from logit-normal(--t-high-mean, 1) instead (the caption "
+                         "decides the image only at t >~ 0.95 on these scenes); default: the checkpoint's value, else 0")
+    ap.add_argument("--t-high-mean", type=float, default=None, help="default: the checkpoint's value, else 3.0")
     ap.add_argument("--decay-start", type=int, default=0,
                     help="step where the learning rate starts a linear decay (0 = constant after warm-up)")
     ap.add_argument("--decay-steps", type=int, default=0, help="length of the linear decay")
@@ -312,10 +326,13 @@ def main(argv=None):
             setattr(args, flag, True)
         elif getattr(args, flag):
             history.append({"step": step, "change": flag})
-    if args.t_logit_mean is None:
-        args.t_logit_mean = float(previous.get("t_logit_mean") or 0.0)
-    elif float(previous.get("t_logit_mean") or 0.0) != args.t_logit_mean and previous:
-        history.append({"step": step, "change": f"t_logit_mean={args.t_logit_mean}"})
+    for name, default in RECIPE_DEFAULTS.items():  # sticky recipe values: given > checkpoint > default
+        before = previous.get(name)
+        before = default if before is None else float(before)
+        if getattr(args, name) is None:
+            setattr(args, name, before)
+        elif getattr(args, name) != before and previous:
+            history.append({"step": step, "change": f"{name}={getattr(args, name)}"})
     args.history = history
     if args.zero_pooled:
         zero_pooled_pathway(pipe, ema, params)
@@ -356,7 +373,8 @@ def main(argv=None):
             lr = lr_at(step, args)
             for g in opt.param_groups:
                 g["lr"] = lr
-            loss = flow_loss(pipe, images, captions, t_logit_mean=args.t_logit_mean)
+            loss = flow_loss(pipe, images, captions, t_logit_mean=args.t_logit_mean, t_high_frac=args.t_high_frac,
+                             t_high_mean=args.t_high_mean)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], args.grad_clip)

@@ -38,7 +38,8 @@ def test_resume_continues_and_switches_are_sticky(train_module, tmp_path):
     first = torch.load(tmp_path / "last.pt", map_location="cpu", weights_only=False)
     assert first["step"] == 2 and not first["args"]["freeze_t5"]
 
-    run(train_module, tmp_path, "--resume", "--max-steps", "4", "--zero-pooled", "--freeze-t5", "--t-logit-mean", "1.1")
+    run(train_module, tmp_path, "--resume", "--max-steps", "4", "--zero-pooled", "--freeze-t5", "--t-logit-mean", "1.1",
+        "--t-high-frac", "0.5")
     run(train_module, tmp_path, "--resume", "--max-steps", "5")  # flags not repeated: still on
     rows = loss_rows(tmp_path)
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5]
@@ -46,9 +47,11 @@ def test_resume_continues_and_switches_are_sticky(train_module, tmp_path):
     last = torch.load(tmp_path / "last.pt", map_location="cpu", weights_only=False)
     assert last["step"] == 5
     assert last["args"]["zero_pooled"] and last["args"]["freeze_t5"]
-    assert last["args"]["t_logit_mean"] == 1.1
+    assert last["args"]["t_logit_mean"] == 1.1 and last["args"]["t_high_frac"] == 0.5
+    assert last["args"]["t_high_mean"] == 3.0
     assert last["args"]["history"] == [{"step": 2, "change": "zero_pooled"}, {"step": 2, "change": "freeze_t5"},
-                                       {"step": 2, "change": "t_logit_mean=1.1"}]
+                                       {"step": 2, "change": "t_logit_mean=1.1"},
+                                       {"step": 2, "change": "t_high_frac=0.5"}]
 
     # the frozen T5 is exactly the seeded initial encoder, the pooled projection exactly zero
     fresh = train_module.load_models(str(VAE), seed=0)
@@ -73,3 +76,13 @@ def test_learning_rate_schedule(train_module):
     assert train_module.lr_at(50, args) == pytest.approx(1e-3)
     assert train_module.lr_at(125, args) == pytest.approx(5.5e-4)
     assert train_module.lr_at(500, args) == pytest.approx(1e-4)
+
+
+def test_noise_level_mixture(train_module):
+    g = torch.Generator().manual_seed(0)
+    plain = train_module.sample_noise_levels(20000, g)
+    assert abs(float(plain.median()) - 0.5) < 0.02
+    mixed = train_module.sample_noise_levels(20000, g, t_logit_mean=0.0, t_high_frac=0.5, t_high_mean=3.0)
+    high = float((mixed > 0.95).float().mean())
+    assert 0.25 < high < 0.30  # half of the draws centre on sigmoid(3) = 0.953
+    assert float((plain > 0.95).float().mean()) < 0.01
