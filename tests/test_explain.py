@@ -151,3 +151,22 @@ def test_figure_panels(pipe):
     assert len(single.axes) == 3 + 2
     with pytest.raises(ValueError, match="no 'value' maps"):
         maps.figure(compare="value")
+
+
+def test_timestep_default_comes_from_the_pipeline(pipe):
+    image = picture("RGB")
+    plain = explain(pipe, image, ["cat", "sky"], num_samples=1)
+    assert plain.meta["timestep"] == 0.5
+    original = getattr(pipe, "concept_attention_defaults", None)
+    pipe.concept_attention_defaults = {**(original or {}), "timestep": 0.8}
+    try:
+        tuned = explain(pipe, image, ["cat", "sky"], num_samples=1)
+        given = explain(pipe, image, ["cat", "sky"], num_samples=1, timestep=0.5)
+    finally:
+        if original is None:
+            del pipe.concept_attention_defaults
+        else:
+            pipe.concept_attention_defaults = original
+    assert tuned.meta["timestep"] == 0.8
+    assert not torch.allclose(tuned.tensor, plain.tensor)
+    assert torch.equal(given.tensor, plain.tensor)

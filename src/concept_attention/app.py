@@ -232,7 +232,8 @@ def build_app(pipe: Any) -> Any:
                                              allow_custom_value=True, label=f"Concepts (up to {MAX_CONCEPTS})",
                                              elem_id="exp-concepts")
                     e_prompt = gr.Textbox(value="", label="Prompt (optional)")
-                    e_timestep = gr.Slider(0.05, 1.0, value=0.5, step=0.05, label="Noise timestep t")
+                    e_timestep = gr.Slider(0.05, 1.0, value=float(defaults.get("timestep", 0.5)), step=0.05,
+                                            label="Noise timestep t")
                     e_samples = gr.Slider(1, 10, value=4, step=1, label="Noise samples")
                     with gr.Row():
                         default_layers = defaults.get("layers") or list(range(layers // 2, layers))

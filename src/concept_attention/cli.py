@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("image", help="path of the image (any format PIL reads)")
     common(explain)
     explain.add_argument("--prompt", default="", help="text shown with the image (default: empty)")
-    explain.add_argument("--timestep", type=float, default=0.5, help="noise level in (0, 1] (default 0.5)")
+    explain.add_argument("--timestep", type=float, default=None,
+                         help="noise level in (0, 1] (default: the model's, else 0.5)")
     explain.add_argument("--samples", type=int, default=4, help="noise samples averaged (default 4)")
 
     commands.add_parser("models", help="list supported model families and the embedded default model")
@@ -186,6 +187,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
 def run_explain(args: argparse.Namespace) -> int:
     from .explain import explain, load_image
+    from .loading import pipeline_defaults
 
     console = _console()
     concepts = parse_concepts(args.concepts)
@@ -195,8 +197,9 @@ def run_explain(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     pipe = _load(args, console)
     spaces = [args.space] + (["cross_attention"] if args.space != "cross_attention" else [])
-    with console.status(f"explaining with {args.samples} noise sample(s) at t={args.timestep} ..."):
-        maps = explain(pipe, image, concepts, prompt=args.prompt, timestep=args.timestep, num_samples=args.samples,
+    timestep = args.timestep if args.timestep is not None else float(pipeline_defaults(pipe).get("timestep", 0.5))
+    with console.status(f"explaining with {args.samples} noise sample(s) at t={timestep} ..."):
+        maps = explain(pipe, image, concepts, prompt=args.prompt, timestep=timestep, num_samples=args.samples,
                        seed=args.seed, layers=layers, size=size, space=spaces)
     maps.meta["model_id"] = getattr(pipe, "model_id", None)
     maps.meta["source"] = str(args.image)

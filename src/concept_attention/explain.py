@@ -96,7 +96,7 @@ def explain(
     image: ImageInput,
     concepts: Sequence[str],
     prompt: str = "",
-    timestep: float = 0.5,
+    timestep: float | None = None,
     num_samples: int = 4,
     seed: int = 0,
     layers: Sequence[int] | None = None,
@@ -114,7 +114,8 @@ def explain(
         image: path, PIL image (any mode), numpy array or tensor.
         concepts: the words to locate, e.g. ``["dog", "grass", "sky"]``.
         prompt: text the transformer sees with the image (empty by default).
-        timestep: noise level t in (0, 1]; 0.5 is the paper's choice.
+        timestep: noise level t in (0, 1]; default: the pipeline's ``timestep`` default
+            (``concept_attention.json``), else 0.5, the paper's choice.
         num_samples: noise draws averaged (one batched forward unless ``batch_samples=False``).
         seed: seed of the noise draws.
         layers: dual-stream blocks to average (default: the deeper half).
@@ -126,7 +127,11 @@ def explain(
         :class:`ConceptMaps` of shape ``(1, concepts, h, w)``, with ``maps.image`` set to the RGB
         image and ``maps.meta`` recording sizes, prompt, timestep, samples and seed.
     """
-    if not isinstance(timestep, (int, float)) or not 0.0 < float(timestep) <= 1.0:
+    if timestep is None:
+        from .loading import pipeline_defaults
+
+        timestep = float(pipeline_defaults(pipe).get("timestep", 0.5))
+    if not isinstance(timestep, (int, float)) or isinstance(timestep, bool) or not 0.0 < float(timestep) <= 1.0:
         raise ValueError(f"timestep must be a number in (0, 1], got {timestep!r}")
     if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
