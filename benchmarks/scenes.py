@@ -56,6 +56,8 @@ from concept_attention.scenes.render import BACKGROUNDS, COLOURS, SHAPES, render
 from concept_attention.viz import upsample
 
 HELD_OUT_SEED = 900_000_000
+VALIDATION_SEED = 800_000_000
+"""Scenes for choosing settings (default blocks, timestep): never the held-out test scenes above."""
 SPACES = ("output", "cross_attention", "value")
 PROMPT_CROSS_ATTENTION = "prompt cross-attention"
 
@@ -290,6 +292,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=1, help="noise samples per scene")
     parser.add_argument("--prompts", default="caption,empty")
     parser.add_argument("--out", default="results/scenes")
+    parser.add_argument("--split", choices=("test", "validation"), default="test",
+                        help="held-out test scenes (report) or validation scenes (choose settings)")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     started = time.perf_counter()
@@ -313,7 +317,7 @@ def main() -> None:
         return methods[key]
 
     for index in range(args.scenes):
-        scene = render_scene(HELD_OUT_SEED + index)
+        scene = render_scene((HELD_OUT_SEED if args.split == "test" else VALIDATION_SEED) + index)
         size = scene.background_mask.shape
         for task, (words, kind) in tasks.items():
             concepts = words + list(BACKGROUNDS)
@@ -353,7 +357,7 @@ def main() -> None:
     results = {f"{t}|{p}|{m}": s.summary() for (t, p, m), s in methods.items()}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"scenes": args.scenes, "timestep": args.timestep, "samples": args.samples, "prompts": prompts,
+    meta = {"scenes": args.scenes, "split": args.split, "timestep": args.timestep, "samples": args.samples, "prompts": prompts,
             "default_layers": pipe_default_layers(pipe, num_blocks), "seconds": time.perf_counter() - started,
             "model": args.model or "embedded"}
     (out / "scenes.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))

@@ -32,6 +32,7 @@ def smooth(values: list[float], window: int = 50) -> list[float]:
 
 def read_points(curve: Path) -> list[dict]:
     points = [json.loads(line) for line in curve.read_text().splitlines() if line.strip()]
+    points = [p for p in points if p.get("timestep", 0.5) == 0.5]  # the curve is at t = 0.5
     by_step = {p["step"]: p for p in points}  # the latest measurement of a step wins
     return [by_step[s] for s in sorted(by_step)]
 

@@ -80,6 +80,7 @@ def main() -> None:
     ap.add_argument("--ckpt", default="checkpoints/embedded/last.pt")
     ap.add_argument("--scenes", type=int, default=40)
     ap.add_argument("--curve", default="checkpoints/embedded/curve.jsonl")
+    ap.add_argument("--timestep", type=float, default=0.5, help="noise level of the scene benchmark")
     ap.add_argument("--generated", action="store_true", help="also score generated one-object shapes")
     ap.add_argument("--loss-csv", default=None, help="loss log (default: loss.csv beside the checkpoint)")
     ap.add_argument("--keep", default=None, help="keep the exported pipeline in this directory")
@@ -100,11 +101,12 @@ def main() -> None:
 
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "scenes.py"), "--model", str(model_dir),
-                    "--scenes", str(args.scenes), "--out", str(work / "scenes")], check=True, env=env,
+                    "--scenes", str(args.scenes), "--timestep", str(args.timestep), "--out", str(work / "scenes")], check=True, env=env,
                    stdout=subprocess.DEVNULL)
     results = json.loads((work / "scenes" / "scenes.json").read_text())["results"]
     point = {"step": step, "hours": round(wall / 3600, 3),
-             "loss": recent_loss(Path(args.loss_csv or Path(args.ckpt).parent / "loss.csv"), step), "scenes": args.scenes}
+             "loss": recent_loss(Path(args.loss_csv or Path(args.ckpt).parent / "loss.csv"), step), "scenes": args.scenes,
+             "timestep": args.timestep}
     point["caption_reliance"] = caption_reliance(model_dir)
     for task in ("colour", "shape"):
         for prompt in ("empty", "caption"):
