@@ -31,8 +31,8 @@ def loss_rows(ckpt_dir):
         return list(csv.DictReader(f))
 
 
-@pytest.mark.skipif(not VAE.is_dir(), reason="needs the trained VAE of this repository")
 def test_resume_continues_and_switches_are_sticky(train_module, tmp_path):
+    assert VAE.is_dir(), "the trained VAE of this repository (checkpoints/embedded/vae) is missing"
     run(train_module, tmp_path, "--max-steps", "2")
     assert [int(r["step"]) for r in loss_rows(tmp_path)] == [1, 2]
     first = torch.load(tmp_path / "last.pt", map_location="cpu", weights_only=False)
