@@ -64,6 +64,37 @@ def caption_reliance(model_dir: Path, levels=(0.9, 0.95, 0.98), count: int = 48)
     return out
 
 
+def query_selectivity(model_dir: Path, count: int = 20, timestep: float = 0.9) -> dict[str, float]:
+    """Do concept queries pick out their own object? Per block, over ``count`` held-out scenes.
+
+    For each object: (mean inside − mean outside the object of its own word's query·key logit) minus
+    the same for the other words of its kind, averaged over objects. 0 = no selectivity.
+    """
+    import numpy as np
+    import torch
+
+    from concept_attention import explain, load_pipeline
+    from concept_attention.scenes.render import BACKGROUNDS, COLOURS, SHAPES, render_scene
+    from concept_attention.viz import upsample
+
+    pipe = load_pipeline(model_dir)
+    blocks = list(range(len(pipe.transformer.transformer_blocks)))
+    totals = {b: [] for b in blocks}
+    for index in range(count):
+        scene = render_scene(900_000_000 + index)
+        for words, kind in ((list(COLOURS), "colour"), (list(SHAPES), "shape")):
+            maps = explain(pipe, scene.image, words + list(BACKGROUNDS), timestep=timestep, num_samples=1,
+                           seed=index, layers=blocks, space="cross_attention", softmax=False)
+            for block in blocks:
+                logits = upsample(maps.for_layers([block]).tensor[0], scene.image.shape[:2]).numpy()
+                for obj in scene.objects:
+                    contrast = logits[:, obj.mask].mean(axis=1) - logits[:, ~obj.mask].mean(axis=1)
+                    own = words.index(getattr(obj, kind))
+                    others = [contrast[i] for i in range(len(words)) if i != own]
+                    totals[block].append(float(contrast[own] - np.mean(others)))
+    return {f"block {b}": round(float(np.mean(v)), 4) for b, v in totals.items()}
+
+
 def summarise(results: dict, task: str, prompt: str) -> dict:
     """Default-block and best-single-block ConceptAttention scores for one task and prompt."""
     default = results[f"{task}|{prompt}|ConceptAttention (default blocks)"]
@@ -108,6 +139,7 @@ def main() -> None:
              "loss": recent_loss(Path(args.loss_csv or Path(args.ckpt).parent / "loss.csv"), step), "scenes": args.scenes,
              "timestep": args.timestep}
     point["caption_reliance"] = caption_reliance(model_dir)
+    point["query_selectivity"] = query_selectivity(model_dir)
     for task in ("colour", "shape"):
         for prompt in ("empty", "caption"):
             point[f"{task}|{prompt}"] = summarise(results, task, prompt)
