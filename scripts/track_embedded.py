@@ -43,23 +43,16 @@ def caption_reliance(model_dir: Path, levels=(0.9, 0.95, 0.98), count: int = 48)
     import torch
 
     from concept_attention import load_pipeline
-    from train_embedded import latents_and_ids, make_batch
+    from train_embedded import flow_loss, make_batch
 
     pipe = load_pipeline(model_dir)
     images, captions = make_batch(12345, 0, count, caption_mode="full")
+    out = {}
     with torch.no_grad():
-        x0, ids = latents_and_ids(pipe, images)
-        out = {}
         for level in levels:
-            losses = []
-            for prompts in (captions, [""] * count):
-                embeds, pooled, text_ids = pipe.encode_prompt(prompt=prompts, prompt_2=prompts, max_sequence_length=32)
-                eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
-                noisy = (1 - level) * x0 + level * eps
-                pred = pipe.transformer(hidden_states=noisy, timestep=torch.full((count,), level), guidance=None,
-                                        pooled_projections=pooled, encoder_hidden_states=embeds, txt_ids=text_ids,
-                                        img_ids=ids, return_dict=False)[0]
-                losses.append(float(((pred - (eps - x0)) ** 2).mean()))
+            losses = [float(flow_loss(pipe, images, prompts, generator=torch.Generator().manual_seed(0),
+                                      sigma=torch.full((count,), level)))
+                      for prompts in (captions, [""] * count)]
             out[f"t={level}"] = round(losses[1] - losses[0], 5)
     return out
 

@@ -121,13 +121,14 @@ def sample_noise_levels(b: int, generator=None, t_logit_mean: float = 0.0, t_hig
 
 
 def flow_loss(pipe, images_u8, captions, generator=None, t_logit_mean: float = 0.0, t_high_frac: float = 0.0,
-              t_high_mean: float = 3.0):
+              t_high_mean: float = 3.0, sigma: torch.Tensor | None = None):
     x0, img_ids = latents_and_ids(pipe, images_u8)
     prompt_embeds, pooled, text_ids = pipe.encode_prompt(
         prompt=captions, prompt_2=captions, device=x0.device, num_images_per_prompt=1,
         max_sequence_length=MAX_SEQUENCE_LENGTH)
     b = x0.shape[0]
-    sigma = sample_noise_levels(b, generator, t_logit_mean, t_high_frac, t_high_mean)
+    if sigma is None:
+        sigma = sample_noise_levels(b, generator, t_logit_mean, t_high_frac, t_high_mean)
     eps = torch.randn(x0.shape, generator=generator)
     s = sigma[:, None, None]
     xt = (1 - s) * x0 + s * eps
