@@ -40,31 +40,55 @@ from concept_attention.scenes import render_scene, training_caption
 
 HELDOUT_SEED_BASE = 1_000_000_000  # training scene seeds are < this
 TRAINABLE = ("transformer", "text_encoder", "text_encoder_2")
-RECIPE_DEFAULTS = {"t_logit_mean": 0.0, "t_high_frac": 0.0, "t_high_mean": 3.0}
+RECIPE_DEFAULTS = {"t_logit_mean": 0.0, "t_high_frac": 0.0, "t_high_mean": 3.0, "two_object_frac": 0.0}
+#: seeds of the held-out scenes of benchmarks/scenes.py (test and validation splits); never drawn as extra seeds
+HELDOUT_RANGES = ((800_000_000, 801_000_000), (900_000_000, 901_000_000))
 
 
 # --------------------------------------------------------------------------- data
-def make_batch(seed: int, step: int, batch_size: int, caption_mode: str = "train"):
-    """Batch number ``step``: (uint8 images (B,H,W,3) as a tensor, list of captions). Deterministic."""
+def binding_scene(scene) -> bool:
+    """Two objects that differ in colour and in shape: a caption can only be drawn right by binding words to objects."""
+    return (len(scene.objects) == 2 and scene.objects[0].colour != scene.objects[1].colour
+            and scene.objects[0].shape != scene.objects[1].shape)
+
+
+def _extra_seed(rng) -> int:
+    while True:
+        s = int(rng.integers(0, HELDOUT_SEED_BASE))
+        if not any(lo <= s < hi for lo, hi in HELDOUT_RANGES):
+            return s
+
+
+def make_batch(seed: int, step: int, batch_size: int, caption_mode: str = "train", two_object_frac: float = 0.0):
+    """Batch number ``step``: (uint8 images (B,H,W,3) as a tensor, list of captions). Deterministic.
+
+    With ``two_object_frac`` > 0, that fraction of the scenes (on average) is redrawn until it is a
+    :func:`binding_scene`; with 0 the batch is exactly the original stream's.
+    """
     rng = np.random.default_rng([seed, step, 0xDA7A])
     seeds = rng.integers(0, HELDOUT_SEED_BASE, batch_size)
+    extra = np.random.default_rng([seed, step, 0xB1D2]) if two_object_frac > 0 else None
     images, captions = [], []
     for s in seeds:
         sc = render_scene(int(s))
+        if extra is not None and extra.random() < two_object_frac:
+            while not binding_scene(sc):
+                sc = render_scene(_extra_seed(extra))
         images.append(sc.image)
         captions.append(training_caption(sc, rng) if caption_mode == "train" else sc.caption)
     return torch.from_numpy(np.stack(images)), captions
 
 
 class BatchStream(torch.utils.data.IterableDataset):
-    def __init__(self, seed, start_step, batch_size):
+    def __init__(self, seed, start_step, batch_size, two_object_frac=0.0):
         self.seed, self.start_step, self.batch_size = seed, start_step, batch_size
+        self.two_object_frac = two_object_frac
 
     def __iter__(self):
         torch.set_num_threads(1)
         k = self.start_step
         while True:
-            yield make_batch(self.seed, k, self.batch_size)
+            yield make_batch(self.seed, k, self.batch_size, two_object_frac=self.two_object_frac)
             k += 1
 
 
@@ -72,10 +96,10 @@ def batch_iter(args, start_step):
     if args.workers <= 0:
         k = start_step
         while True:
-            yield make_batch(args.seed, k, args.batch_size)
+            yield make_batch(args.seed, k, args.batch_size, two_object_frac=args.two_object_frac)
             k += 1
     else:
-        dl = torch.utils.data.DataLoader(BatchStream(args.seed, start_step, args.batch_size), batch_size=None,
+        dl = torch.utils.data.DataLoader(BatchStream(args.seed, start_step, args.batch_size, args.two_object_frac), batch_size=None,
                                          num_workers=1, prefetch_factor=4, persistent_workers=False)
         yield from dl
 
@@ -236,6 +260,10 @@ def parse_args(argv=None):
                     help="fraction of noise levels drawn from logit-normal(--t-high-mean, 1) instead (the caption "
                          "decides the image only at t >~ 0.95 on these scenes); default: the checkpoint's value, else 0")
     ap.add_argument("--t-high-mean", type=float, default=None, help="default: the checkpoint's value, else 3.0")
+    ap.add_argument("--two-object-frac", type=float, default=None,
+                    help="fraction of training scenes redrawn to have two objects of different colours and shapes "
+                         "(the caption is then only drawn right if words bind to objects); default: the "
+                         "checkpoint's value, else 0")
     ap.add_argument("--decay-start", type=int, default=0,
                     help="step where the learning rate starts a linear decay (0 = constant after warm-up)")
     ap.add_argument("--decay-steps", type=int, default=0, help="length of the linear decay")

@@ -39,7 +39,7 @@ def test_resume_continues_and_switches_are_sticky(train_module, tmp_path):
     assert first["step"] == 2 and not first["args"]["freeze_t5"]
 
     run(train_module, tmp_path, "--resume", "--max-steps", "4", "--zero-pooled", "--freeze-t5", "--t-logit-mean", "1.1",
-        "--t-high-frac", "0.5")
+        "--t-high-frac", "0.5", "--two-object-frac", "0.8")
     run(train_module, tmp_path, "--resume", "--max-steps", "5")  # flags not repeated: still on
     rows = loss_rows(tmp_path)
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5]
@@ -48,10 +48,11 @@ def test_resume_continues_and_switches_are_sticky(train_module, tmp_path):
     assert last["step"] == 5
     assert last["args"]["zero_pooled"] and last["args"]["freeze_t5"]
     assert last["args"]["t_logit_mean"] == 1.1 and last["args"]["t_high_frac"] == 0.5
-    assert last["args"]["t_high_mean"] == 3.0
+    assert last["args"]["t_high_mean"] == 3.0 and last["args"]["two_object_frac"] == 0.8
     assert last["args"]["history"] == [{"step": 2, "change": "zero_pooled"}, {"step": 2, "change": "freeze_t5"},
                                        {"step": 2, "change": "t_logit_mean=1.1"},
-                                       {"step": 2, "change": "t_high_frac=0.5"}]
+                                       {"step": 2, "change": "t_high_frac=0.5"},
+                                       {"step": 2, "change": "two_object_frac=0.8"}]
 
     # the frozen T5 is exactly the seeded initial encoder, the pooled projection exactly zero
     fresh = train_module.load_models(str(VAE), seed=0)
@@ -86,3 +87,20 @@ def test_noise_level_mixture(train_module):
     high = float((mixed > 0.95).float().mean())
     assert 0.25 < high < 0.30  # half of the draws centre on sigmoid(3) = 0.953
     assert float((plain > 0.95).float().mean()) < 0.01
+
+
+def test_two_object_fraction(train_module):
+    from concept_attention.scenes.render import render_scene
+
+    images, captions = train_module.make_batch(0, 7, 8)
+    again, _ = train_module.make_batch(0, 7, 8, two_object_frac=0.0)
+    assert torch.equal(images, again)  # 0 = the original stream, bit for bit
+
+    forced, forced_captions = train_module.make_batch(0, 7, 16, caption_mode="full", two_object_frac=1.0)
+    scenes = [render_scene(s) for s in range(200)]
+    assert all(" and " in c for c in forced_captions)  # every scene has two objects
+    assert torch.equal(forced, train_module.make_batch(0, 7, 16, caption_mode="full", two_object_frac=1.0)[0])
+    natural = sum(train_module.binding_scene(sc) for sc in scenes) / len(scenes)
+    assert 0.05 < natural < 0.5  # so forcing changes the distribution
+    pairs = [c.split(" on ")[0].split(" and ") for c in forced_captions]
+    assert all(a.split()[1] != b.split()[1] and a.split()[2] != b.split()[2] for a, b in pairs)
