@@ -10,6 +10,12 @@ the fraction of images with more than one object-coloured region (the largest on
 the mean template IoU (best shape, and the caption's shape): forced-choice labels of shapeless
 blobs are near chance, a low best IoU shows that.
 
+``--pairs N`` adds N two-object captions "a {c1} {s1} and a {c2} {s2} on {background}" (different
+colours and shapes; the renderer lists objects left to right). Each colour is found with
+:func:`~concept_attention.scenes.shapes.colour_mask`; reported: both colours drawn, the first
+colour left of the second (chance 0.5), each colour region's shape right (chance 0.25), and both
+shapes right ("bound": the words were tied to the right objects).
+
 ``--guidance`` > 1 turns on classifier-free guidance with the empty prompt (``true_cfg_scale``;
 FLUX's ``guidance_scale`` is only used by guidance-distilled transformers and is passed as well).
 
@@ -36,7 +42,8 @@ from scipy import ndimage
 
 from concept_attention import load_pipeline
 from concept_attention.scenes.render import BACKGROUNDS, COLOUR_RGB, COLOURS, EXCLUDED_PAIRS, SHAPES
-from concept_attention.scenes.shapes import MIN_AREA, classify_shape, object_mask, object_pixels, shape_scores
+from concept_attention.scenes.shapes import (MIN_AREA, classify_shape, colour_mask, object_mask, object_pixels,
+                                             shape_scores)
 
 SIZE = 64
 MAX_SEQUENCE_LENGTH = 32
@@ -45,6 +52,43 @@ MAX_SEQUENCE_LENGTH = 32
 def combos() -> list[tuple[str, str, str]]:
     """All allowed (shape, colour, background) triples (40)."""
     return [(s, c, b) for s in SHAPES for c in COLOURS for b in BACKGROUNDS if (c, b) not in EXCLUDED_PAIRS]
+
+
+def pair_captions(count: int, seed: int = 0) -> list[tuple[str, str, str, str, str]]:
+    """``count`` (c1, s1, c2, s2, background) tuples, colours and shapes different, a fixed sample."""
+    every = [(c1, s1, c2, s2, b) for c1 in COLOURS for c2 in COLOURS for s1 in SHAPES for s2 in SHAPES
+             for b in BACKGROUNDS
+             if c1 != c2 and s1 != s2 and (c1, b) not in EXCLUDED_PAIRS and (c2, b) not in EXCLUDED_PAIRS]
+    order = np.random.default_rng(seed).permutation(len(every))[:count]
+    return [every[i] for i in order]
+
+
+def judge_pair(image: np.ndarray, c1: str, s1: str, c2: str, s2: str, background: str) -> dict:
+    """Two-object judgement of one image (see the module docstring)."""
+    out = {}
+    for key, colour, shape in (("first", c1, s1), ("second", c2, s2)):
+        mask = colour_mask(image, colour, background)
+        present = int(mask.sum()) >= MIN_AREA
+        scores = shape_scores(mask) if present else {}
+        out[key] = {"present": present, "x": float(np.nonzero(mask)[1].mean()) if present else None,
+                    "predicted": max(scores, key=scores.get) if scores else None, "shape": shape}
+    both = out["first"]["present"] and out["second"]["present"]
+    out["both_colours"] = both
+    out["order_right"] = both and out["first"]["x"] < out["second"]["x"]
+    out["bound"] = all(out[k]["predicted"] == out[k]["shape"] for k in ("first", "second"))
+    return out
+
+
+def summarise_pairs(judged: list[dict]) -> dict:
+    both = [j for j in judged if j["both_colours"]]
+    objects = [j[k] for j in judged for k in ("first", "second") if j[k]["present"]]
+    return {
+        "n_images": len(judged),
+        "both_colours": len(both) / max(1, len(judged)),
+        "order_right_of_both": sum(j["order_right"] for j in both) / max(1, len(both)),
+        "shape_right_of_present": sum(o["predicted"] == o["shape"] for o in objects) / max(1, len(objects)),
+        "bound": sum(j["bound"] for j in judged) / max(1, len(judged)),
+    }
 
 
 def nearest_colour(image: np.ndarray, mask: np.ndarray) -> str | None:
@@ -121,6 +165,7 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=1.0)
     parser.add_argument("--batch", type=int, default=8, help="images per pipeline call")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--pairs", type=int, default=0, help="also judge this many two-object captions (1 seed)")
     parser.add_argument("--out", default="results/generated_shapes.json")
     parser.add_argument("--sheet", default=None, help="optional contact-sheet PNG path")
     args = parser.parse_args()
@@ -147,6 +192,14 @@ def main() -> None:
             })
             images.append(img)
     summary = summarise(records)
+    pairs = []
+    for i in range(0, args.pairs, args.batch):
+        chunk = pair_captions(args.pairs)[i: i + args.batch]
+        prompts = [f"a {c1} {s1} and a {c2} {s2} on {b}" for c1, s1, c2, s2, b in chunk]
+        batch = generate(pipe, prompts, list(range(len(chunk))), args.steps, args.guidance)
+        pairs += [{"prompt": p, **judge_pair(img, *spec)} for p, spec, img in zip(prompts, chunk, batch)]
+    if pairs:
+        summary["pairs"] = summarise_pairs(pairs)
     summary.update(model=args.model or "embedded", seeds=args.seeds, steps=args.steps, guidance=args.guidance,
                    seconds=round(time.time() - start, 1))
 
@@ -162,9 +215,15 @@ def main() -> None:
     for s, row in summary["confusion"].items():
         print(f"{s:>9} " + " ".join(f"{v:>8d}" for v in row.values()))
 
+    if pairs:
+        ps = summary["pairs"]
+        print(f"two-object captions ({ps['n_images']}): both colours {ps['both_colours']:.3f}  first colour left "
+              f"{ps['order_right_of_both']:.3f} (chance 0.5)  shape right per object "
+              f"{ps['shape_right_of_present']:.3f}  both shapes right {ps['bound']:.3f}")
+
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"summary": summary, "images": records}, indent=1))
+    out.write_text(json.dumps({"summary": summary, "images": records, "pairs": pairs}, indent=1))
     print(f"wrote {out}")
     if args.sheet:
         contact_sheet(records, images, Path(args.sheet))

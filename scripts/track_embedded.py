@@ -106,6 +106,7 @@ def main() -> None:
     ap.add_argument("--curve", default="checkpoints/embedded/curve.jsonl")
     ap.add_argument("--timestep", type=float, default=0.5, help="noise level of the scene benchmark")
     ap.add_argument("--generated", action="store_true", help="also score generated one-object shapes")
+    ap.add_argument("--pairs", type=int, default=24, help="with --generated: two-object captions to judge too")
     ap.add_argument("--loss-csv", default=None, help="loss log (default: loss.csv beside the checkpoint)")
     ap.add_argument("--keep", default=None, help="keep the exported pipeline in this directory")
     args = ap.parse_args()
@@ -139,11 +140,13 @@ def main() -> None:
     if args.generated:
         out = work / "generated.json"
         subprocess.run([sys.executable, str(ROOT / "benchmarks" / "generated_shapes.py"), "--model",
-                        str(model_dir), "--out", str(out), "--guidance", str(GUIDANCE)], check=True, env=env, stdout=subprocess.DEVNULL)
+                        str(model_dir), "--out", str(out), "--guidance", str(GUIDANCE), "--pairs", str(args.pairs)], check=True, env=env, stdout=subprocess.DEVNULL)
         generated = json.loads(out.read_text())["summary"]
         point["generated_right_shape"] = generated["shape_right"]
         point["generated_right_colour"] = generated["colour_right"]
         point["generated_guidance"] = GUIDANCE
+        if "pairs" in generated:
+            point["generated_pairs"] = {k: round(v, 4) for k, v in generated["pairs"].items()}
     with open(args.curve, "a") as f:
         f.write(json.dumps(point) + "\n")
     print(json.dumps(point, indent=1))

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from concept_attention.scenes.render import BACKGROUNDS, SHAPES, _background, _coverage, render_scene
-from concept_attention.scenes.shapes import classify_shape, object_mask, shape_scores
+from concept_attention.scenes.shapes import classify_shape, colour_mask, object_mask, shape_scores
 
 HELD_OUT_SEED = 900_000_000
 N_SCENES = 110
@@ -124,3 +124,25 @@ def test_shifted_and_rescaled_masks_keep_their_shape():
         mask = _coverage(shape, 20.0, 44.0, 17.0, 64) > 0.5
         mask[:, :6] = False  # clip a few columns on the left
         assert classify_shape(mask) == shape
+
+
+def test_colour_masks_separate_two_objects_of_different_colours():
+    scenes, i = [], 0
+    while len(scenes) < 40:
+        scene = render_scene(HELD_OUT_SEED + 50_000 + i)
+        i += 1
+        if len(scene.objects) == 2 and scene.objects[0].colour != scene.objects[1].colour:
+            scenes.append(scene)
+    ious, shapes_right = [], 0
+    for scene in scenes:
+        for obj in scene.objects:
+            mask = colour_mask(scene.image, obj.colour, scene.background)
+            ious.append((mask & obj.mask).sum() / (mask | obj.mask).sum())
+            scores = shape_scores(mask)
+            shapes_right += max(scores, key=scores.get) == obj.shape
+    assert np.mean(ious) > 0.9 and min(ious) > 0.7
+    assert shapes_right >= 0.95 * 2 * len(scenes)
+    absent = next(c for c in ("red", "green", "blue", "yellow") if c not in {o.colour for o in scenes[0].objects})
+    assert colour_mask(scenes[0].image, absent, scenes[0].background).sum() < 5
+    with pytest.raises(ValueError, match="unknown colour"):
+        colour_mask(scenes[0].image, "purple")

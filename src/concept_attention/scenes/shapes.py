@@ -47,6 +47,28 @@ def _as_rgb255(image: np.ndarray) -> np.ndarray:
     return img
 
 
+def _nearest_reference(image: np.ndarray, background: str | None) -> tuple[np.ndarray, list[str]]:
+    """Per pixel, the index of the nearest reference colour, and the object colours (the first indices)."""
+    img = _as_rgb255(image)
+    objects = [c for c in COLOURS if background is None or (c, background) not in EXCLUDED_PAIRS]
+    backs = [rgb for refs in BACKGROUND_RGB.values() for rgb in refs]
+    refs = np.array([COLOUR_RGB[c] for c in objects] + backs, float)
+    dist = ((img[:, :, None, :] - refs[None, None]) ** 2).sum(-1)
+    return dist.argmin(-1), objects
+
+
+def _despeckle(mask: np.ndarray) -> np.ndarray:
+    return ndimage.binary_opening(mask, structure=np.ones((2, 2), bool))  # drop 1-px specks and lines
+
+
+def _largest_region(mask: np.ndarray) -> np.ndarray:
+    labels, n = ndimage.label(mask)
+    if n == 0:
+        return np.zeros(labels.shape, bool)
+    sizes = np.bincount(labels.ravel())[1:]
+    return ndimage.binary_fill_holes(labels == 1 + int(sizes.argmax()))
+
+
 def object_pixels(image: np.ndarray, background: str | None = None) -> np.ndarray:
     """Bool (H, W): pixels whose nearest reference colour is an object colour (1-px specks removed).
 
@@ -54,23 +76,27 @@ def object_pixels(image: np.ndarray, background: str | None = None) -> np.ndarra
     object colours never used on it (EXCLUDED_PAIRS) are dropped, so e.g. bright grass is not taken
     for a green object. ``image`` is uint8 or float in [0, 1], (H, W, 3).
     """
-    img = _as_rgb255(image)
-    objects = [c for c in COLOURS if background is None or (c, background) not in EXCLUDED_PAIRS]
-    backs = [rgb for refs in BACKGROUND_RGB.values() for rgb in refs]
-    refs = np.array([COLOUR_RGB[c] for c in objects] + backs, float)
-    dist = ((img[:, :, None, :] - refs[None, None]) ** 2).sum(-1)
-    fg = dist.argmin(-1) < len(objects)
-    return ndimage.binary_opening(fg, structure=np.ones((2, 2), bool))  # drop 1-px specks and lines
+    nearest, objects = _nearest_reference(image, background)
+    return _despeckle(nearest < len(objects))
 
 
 def object_mask(image: np.ndarray, background: str | None = None) -> np.ndarray:
     """Bool (H, W) mask of the largest 4-connected region of :func:`object_pixels`, holes filled
     (all False if there is none)."""
-    labels, n = ndimage.label(object_pixels(image, background))
-    if n == 0:
-        return np.zeros(labels.shape, bool)
-    sizes = np.bincount(labels.ravel())[1:]
-    return ndimage.binary_fill_holes(labels == 1 + int(sizes.argmax()))
+    return _largest_region(object_pixels(image, background))
+
+
+def colour_mask(image: np.ndarray, colour: str, background: str | None = None) -> np.ndarray:
+    """Bool (H, W): the largest region of pixels nearest to the object colour ``colour``, holes filled.
+
+    For images with several objects of different colours: one mask per colour.
+    """
+    if colour not in COLOURS:
+        raise ValueError(f"unknown colour {colour!r}; expected one of {', '.join(COLOURS)}")
+    nearest, objects = _nearest_reference(image, background)
+    if colour not in objects:
+        return np.zeros(nearest.shape, bool)
+    return _largest_region(_despeckle(nearest == objects.index(colour)))
 
 
 def _template(shape: str, cx: float, cy: float, r: float, size: tuple[int, int]) -> np.ndarray:
