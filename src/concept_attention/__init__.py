@@ -12,8 +12,10 @@ from .core.session import ConceptAttention
 from .explain import explain, load_image
 from .generate import generate
 from .loading import load_pipeline
+from .video_explain import explain_video
 
 __version__ = "0.1.0"
 __all__ = [
-    "ConceptAttention", "ConceptMaps", "SPACES", "explain", "generate", "load_image", "load_pipeline", "__version__",
+    "ConceptAttention", "ConceptMaps", "SPACES", "explain", "explain_video", "generate", "load_image", "load_pipeline",
+    "__version__",
 ]

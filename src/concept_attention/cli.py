@@ -1,4 +1,4 @@
-"""``concept-attention``: generate or explain images with concept maps from the command line.
+"""``concept-attention``: generate or explain images (and videos) with concept maps from the command line.
 
 Exit codes: 0 success, 2 usage error (bad arguments or input), 1 runtime failure.
 """
@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from .video import VIDEO_SUFFIXES
+
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 GENERATE_EXAMPLES = """examples:
@@ -23,6 +25,7 @@ GENERATE_EXAMPLES = """examples:
 EXPLAIN_EXAMPLES = """examples:
   concept-attention explain photo.jpg --concepts dog,grass,sky
   concept-attention explain photo.png --concepts cat,sofa --prompt "a cat on a sofa" --timestep 0.5 --samples 4
+  concept-attention explain clip.mp4 --concepts dog,grass,sky --model THUDM/CogVideoX-2b --frames 49
 """
 
 
@@ -102,15 +105,19 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--timesteps", default=None, help="steps whose maps are averaged, e.g. 0-3 (default: all)")
 
     explain = commands.add_parser(
-        "explain", help="concept maps for an existing image", epilog=EXPLAIN_EXAMPLES,
+        "explain", help="concept maps for an existing image or video", epilog=EXPLAIN_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    explain.add_argument("image", help="path of the image (any format PIL reads)")
+    explain.add_argument("image", metavar="FILE", help="an image (any format PIL reads) or, for a video model "
+                         f"such as CogVideoX, a video ({', '.join(VIDEO_SUFFIXES)})")
     common(explain)
     explain.add_argument("--prompt", default="", help="text shown with the image (default: empty)")
     explain.add_argument("--timestep", type=float, default=None,
                          help="noise level in (0, 1] (default: the model's, else 0.5)")
-    explain.add_argument("--samples", type=int, default=4, help="noise samples averaged (default 4)")
+    explain.add_argument("--samples", type=int, default=None,
+                         help="noise samples averaged (default 4 for images, 2 for videos)")
+    explain.add_argument("--frames", type=int, default=None,
+                         help="videos: leading frames to explain, 4k+1 (default: as many as the model takes)")
 
     commands.add_parser("models", help="list supported model families and the embedded default model")
     app = commands.add_parser("app", help="serve the web app (generate and explain in the browser)")
@@ -188,19 +195,33 @@ def run_generate(args: argparse.Namespace) -> int:
 def run_explain(args: argparse.Namespace) -> int:
     from .explain import explain, load_image
     from .loading import pipeline_defaults
+    from .video import load_video
+    from .video_explain import explain_video
 
     console = _console()
     concepts = parse_concepts(args.concepts)
     size = parse_size(args.size)
     layers = parse_indices(args.layers, "--layers")
-    image = load_image(args.image)  # fail fast on unreadable files, before loading a model
+    is_video = Path(args.image).suffix.lower() in VIDEO_SUFFIXES
+    if args.frames is not None and not is_video:
+        raise UsageError(f"--frames is for videos ({', '.join(VIDEO_SUFFIXES)}), not {args.image}")
+    # fail fast on unreadable files, before loading a model
+    image = None if is_video else load_image(args.image)
+    if is_video:
+        load_video(args.image, max_frames=1)
     started = time.perf_counter()
     pipe = _load(args, console)
     spaces = [args.space] + (["cross_attention"] if args.space != "cross_attention" else [])
     timestep = args.timestep if args.timestep is not None else float(pipeline_defaults(pipe).get("timestep", 0.5))
-    with console.status(f"explaining with {args.samples} noise sample(s) at t={timestep} ..."):
-        maps = explain(pipe, image, concepts, prompt=args.prompt, timestep=timestep, num_samples=args.samples,
-                       seed=args.seed, layers=layers, size=size, space=spaces)
+    options: dict[str, Any] = dict(prompt=args.prompt, timestep=timestep, seed=args.seed, layers=layers, size=size,
+                                   space=spaces)
+    if args.samples is not None:
+        options["num_samples"] = args.samples
+    with console.status(f"explaining the {'video' if is_video else 'image'} at t={timestep} ..."):
+        if is_video:
+            maps = explain_video(pipe, args.image, concepts, num_frames=args.frames, **options)
+        else:
+            maps = explain(pipe, image, concepts, **options)
     maps.meta["model_id"] = getattr(pipe, "model_id", None)
     maps.meta["source"] = str(args.image)
     out = Path(args.out or Path("out") / slug(Path(args.image).stem))

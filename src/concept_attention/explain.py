@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .adapters.base import ModelAdapter, resolve_adapter
 from .core.maps import ConceptMaps
 from .core.session import ConceptAttention
 
@@ -107,10 +108,10 @@ def explain(
     max_sequence_length: int | None = None,
     **options: Any,
 ) -> ConceptMaps:
-    """ConceptAttention maps of ``concepts`` on a real image.
+    """ConceptAttention maps of ``concepts`` on a real image (videos: :func:`explain_video`).
 
     Args:
-        pipe: a supported diffusers pipeline (e.g. ``FluxPipeline``).
+        pipe: a supported diffusers image pipeline (e.g. ``FluxPipeline``).
         image: path, PIL image (any mode), numpy array or tensor.
         concepts: the words to locate, e.g. ``["dog", "grass", "sky"]``.
         prompt: text the transformer sees with the image (empty by default).
@@ -127,6 +128,39 @@ def explain(
         :class:`ConceptMaps` of shape ``(1, concepts, h, w)``, with ``maps.image`` set to the RGB
         image and ``maps.meta`` recording sizes, prompt, timestep, samples and seed.
     """
+    timestep = check_request(pipe, prompt, timestep, num_samples)
+    family_adapter(pipe, video=False)
+    picture = load_image(image)
+    session = ConceptAttention(
+        pipe, concepts, layers=layers, space=space, max_sequence_length=max_sequence_length, **options
+    )
+    adapter = session.adapter
+    width, height = run_size(picture.width, picture.height, size, adapter.image_size_rule(pipe))
+    pixels = pipe.image_processor.preprocess(picture, height=height, width=width)
+    generator = torch.Generator().manual_seed(int(seed))
+    chunks = [num_samples] if batch_samples else [1] * num_samples
+    batches = (
+        adapter.explain_inputs(pipe, pixels, prompt, timestep, None, count, generator, session.max_sequence_length)
+        for count in chunks
+    )
+    maps = run_to_last_layer(session, batches)
+    maps.meta.update(
+        {
+            "mode": "explain",
+            "prompt": prompt,
+            "timestep": timestep,
+            "num_samples": num_samples,
+            "seed": int(seed),
+            "original_size": [picture.width, picture.height],
+            "model_size": [width, height],
+        }
+    )
+    maps.image = picture
+    return maps
+
+
+def check_request(pipe: Any, prompt: str, timestep: float | None, num_samples: int) -> float:
+    """The noise level to explain at (the pipeline's default when None), after checking the common arguments."""
     if timestep is None:
         from .loading import pipeline_defaults
 
@@ -137,33 +171,56 @@ def explain(
         raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
-    picture = load_image(image)
-    session = ConceptAttention(
-        pipe, concepts, layers=layers, space=space, max_sequence_length=max_sequence_length, **options
-    )
-    adapter = session.adapter
-    native, multiple = adapter.image_size_rule(pipe)
+    return float(timestep)
+
+
+def family_adapter(pipe: Any, video: bool) -> ModelAdapter:
+    """The adapter of ``pipe``'s transformer, refusing a video model for images and an image model for videos."""
+    transformer = getattr(pipe, "transformer", None)
+    if transformer is None:
+        raise TypeError(f"explaining needs a diffusers pipeline with a transformer, got {type(pipe).__name__}")
+    adapter = resolve_adapter(transformer)
+    if adapter.video and not video:
+        raise TypeError(
+            f"{type(pipe).__name__} is a video model: give it a video (explain_video(pipe, video, concepts); "
+            "on the command line a video file such as clip.mp4)"
+        )
+    if video and not adapter.video:
+        raise TypeError(
+            f"{type(pipe).__name__} is an image model: videos need a video model such as CogVideoX; give it an "
+            "image (explain(pipe, image, concepts); on the command line an image file)"
+        )
+    return adapter
+
+
+def run_size(
+    width: int, height: int, size: tuple[int, int] | None, rule: tuple[int, int]
+) -> tuple[int, int]:
+    """(width, height) to run at: ``size`` if given (checked against the multiple), else :func:`model_size`."""
+    native, multiple = rule
     if size is None:
-        width, height = model_size(picture.width, picture.height, native, multiple)
-    else:
-        width, height = (int(v) for v in size)
-        if width % multiple or height % multiple or width <= 0 or height <= 0:
-            raise ValueError(f"size {width}x{height} is not accepted: both sides must be positive multiples of {multiple}")
-    pixels = pipe.image_processor.preprocess(picture, height=height, width=width)
-    generator = torch.Generator().manual_seed(int(seed))
-    stop_at = adapter.last_module_for(max(session.layers))
+        return model_size(width, height, native, multiple)
+    width, height = (int(v) for v in size)
+    if width % multiple or height % multiple or width <= 0 or height <= 0:
+        raise ValueError(f"size {width}x{height} is not accepted: both sides must be positive multiples of {multiple}")
+    return width, height
+
+
+def run_to_last_layer(session: ConceptAttention, batches: Iterable[dict[str, Any]]) -> ConceptMaps:
+    """Run the transformer on each batch of inputs inside ``session``, stopping after the last recorded block.
+
+    ``batches`` is consumed lazily (one batch's inputs alive at a time); the maps are averaged over
+    every noise sample of every batch.
+    """
+    stop_at = session.adapter.last_module_for(max(session.layers))
 
     def stop(module: torch.nn.Module, args: Any, output: Any) -> None:
         raise _EarlyExit
 
-    chunks = [num_samples] if batch_samples else [1] * num_samples
     with session:
         handle = stop_at.register_forward_hook(stop)
         try:
-            for count in chunks:
-                inputs = adapter.explain_inputs(
-                    pipe, pixels, prompt, float(timestep), None, count, generator, session.max_sequence_length
-                )
+            for inputs in batches:
                 try:
                     with torch.no_grad():
                         session.transformer(**inputs)
@@ -171,20 +228,7 @@ def explain(
                     pass
         finally:
             handle.remove()
-    maps = _average_samples(session)
-    maps.meta.update(
-        {
-            "mode": "explain",
-            "prompt": prompt,
-            "timestep": float(timestep),
-            "num_samples": num_samples,
-            "seed": int(seed),
-            "original_size": [picture.width, picture.height],
-            "model_size": [width, height],
-        }
-    )
-    maps.image = picture
-    return maps
+    return _average_samples(session)
 
 
 def _average_samples(session: ConceptAttention) -> ConceptMaps:

@@ -12,12 +12,13 @@ i.e. ``imageio[ffmpeg]``, whose wheel bundles an ffmpeg binary); without it, or 
 from __future__ import annotations
 
 import warnings
+from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageSequence
 
 from . import viz
 
@@ -25,6 +26,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .core.maps import ConceptMaps
 
 VIDEO_FORMATS = ("auto", "mp4", "gif")
+VIDEO_SUFFIXES = (".mp4", ".gif", ".webm", ".avi", ".mov", ".mkv", ".m4v")
+"""File types read as videos (GIF with Pillow, the others with imageio's ffmpeg plugin)."""
 PIXELS_PER_PATCH = 16
 """Scale of heat-map videos written without source frames (one latent patch = 16 × 16 pixels)."""
 
@@ -136,19 +139,40 @@ def write_video(path: str | Path, frames: Sequence[np.ndarray], fps: float = 8.0
     return path
 
 
-def read_video(path: str | Path) -> np.ndarray:
-    """Decode a written MP4 or GIF back to ``(frames, H, W, 3)`` uint8 (for checks and notebooks)."""
+def read_video(path: str | Path, max_frames: int | None = None) -> np.ndarray:
+    """Decode a video file (GIF with Pillow, MP4/WebM/... with imageio-ffmpeg) to ``(frames, H, W, 3)`` uint8.
+
+    Only the first ``max_frames`` frames are decoded when given.
+    """
     path = Path(path)
     if path.suffix.lower() == ".gif":
         with Image.open(path) as picture:
-            frames = []
-            for index in range(getattr(picture, "n_frames", 1)):
-                picture.seek(index)
-                frames.append(np.asarray(picture.convert("RGB")))
+            frames = [np.asarray(frame.convert("RGB")) for frame in islice(ImageSequence.Iterator(picture), max_frames)]
         return np.stack(frames)
     import imageio.v2 as imageio
 
-    return np.stack([np.asarray(frame)[..., :3] for frame in imageio.mimread(path, memtest=False)])
+    with imageio.get_reader(path) as reader:
+        return np.stack([np.asarray(frame)[..., :3] for frame in islice(reader, max_frames)])
+
+
+def load_video(video: Any, max_frames: int | None = None) -> list[Image.Image]:
+    """RGB frames of a video file path or of anything :func:`to_frames` takes; at most ``max_frames``.
+
+    A file that is missing or cannot be decoded raises FileNotFoundError / ValueError with the path.
+    """
+    if not isinstance(video, (str, Path)):
+        return to_frames(video)[:max_frames]
+    path = Path(video)
+    if not path.is_file():
+        raise FileNotFoundError(f"no video file at {path}")
+    if path.suffix.lower() != ".gif" and not has_mp4_writer():
+        raise ImportError(f'reading {path.suffix or "this"} video needs imageio with ffmpeg: '
+                          'pip install "concept-attention[video]"')
+    try:
+        frames = read_video(path, max_frames)
+    except Exception as error:  # Pillow and ffmpeg raise many types for damaged or non-video files
+        raise ValueError(f"cannot read {path} as a video ({error.__class__.__name__}: {error})") from None
+    return to_frames(frames)
 
 
 def contact_sheet(

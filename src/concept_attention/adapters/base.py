@@ -30,6 +30,8 @@ class ModelAdapter(ABC):
     Informational until the session resolves an unset ``concept_modulation`` to it; adapters
     always follow the session's ``concept_modulation``.
     """
+    video: ClassVar[bool] = False
+    """Whether the family makes videos: real inputs go to ``explain_video``, not ``explain``."""
 
     def __init__(self, transformer: nn.Module) -> None:
         self.transformer = transformer
@@ -155,11 +157,15 @@ class ModelAdapter(ABC):
     def flow_noised(
         self, latents: torch.Tensor, timestep: float, noise: torch.Tensor | None, generator: torch.Generator
     ) -> torch.Tensor:
-        """``(1 - t)·latents + t·noise``; without ``noise``, a float32 draw from ``generator``."""
-        device, dtype = self.transformer.device, self.transformer.dtype
+        """``(1 - t)·latents + t·noise``; without ``noise``, a draw from ``generator`` (:meth:`draw_noise`)."""
         if noise is None:
-            noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
+            noise = self.draw_noise(latents.shape, generator)
         return (1.0 - timestep) * latents + timestep * noise
+
+    def draw_noise(self, shape: Sequence[int], generator: torch.Generator) -> torch.Tensor:
+        """Standard normal noise drawn in float32 on the CPU (same on every device), on the transformer's device."""
+        noise = torch.randn(tuple(shape), generator=generator, dtype=torch.float32)
+        return noise.to(device=self.transformer.device, dtype=self.transformer.dtype)
 
     def last_module_for(self, layer: int) -> nn.Module:
         """The module after which nothing is needed once ``layer``'s maps are recorded (early exit)."""

@@ -22,6 +22,12 @@ applies to a bare transformer called that way); ``True``/``False`` force it.
 
 **Memory.** Only running sums of maps are kept; the video keys/values/outputs of a block are
 referenced for the duration of that block's attention call and released right after.
+
+**Real videos** (:func:`concept_attention.explain_video`): the frames are VAE-encoded as the
+video-to-video pipeline does (latents ``(B, F, C, h, w)`` times ``vae.config.scaling_factor``) and
+noised with the scheduler's own DDPM rule (``scheduler.add_noise``) at the training timestep of
+noise level ``t`` (:func:`ddpm_timestep`). Text-to-video transformers only: image-to-video ones
+take an extra image latent per frame and are refused.
 """
 
 from __future__ import annotations
@@ -39,6 +45,20 @@ from .wrapping import Capture, WrappingProcessor
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..core.session import CallState, ConceptAttention
+
+
+COGVIDEOX_15_SHORT_SIDE = 768
+"""CogVideoX 1.5 runs at 1360 × 768; its config's sample size (300 latents) is the extent of the RoPE table."""
+
+
+def ddpm_timestep(scheduler: Any, timestep: float) -> int:
+    """The training timestep of noise level ``timestep`` in (0, 1]: ``⌊t·(T − 1) + ½⌋``.
+
+    With ``T = num_train_timesteps = 1000``: t = 1 → 999 (pure noise end), t = 0.5 → 500 (the
+    paper's timestep).
+    """
+    last = int(scheduler.config.num_train_timesteps) - 1
+    return int(math.floor(float(timestep) * last + 0.5))
 
 
 def _known_processor_classes() -> tuple[type, ...]:
@@ -150,6 +170,7 @@ class CogVideoXAdapter(ModelAdapter):
 
     default_concept_modulation = "prompt"
     """No pooled text vector exists: modulation depends on the timestep only, so both choices agree."""
+    video = True
 
     batched_cfg: bool | None = None
     """Whether a call is batched CFG ``[uncond, cond]``: None = detect (module docstring)."""
@@ -184,6 +205,96 @@ class CogVideoXAdapter(ModelAdapter):
     def embed_concepts(self, embeds: torch.Tensor) -> torch.Tensor:
         """``patch_embed.text_proj``, the projection the prompt goes through (module docstring)."""
         return self.transformer.patch_embed.text_proj(embeds)
+
+    # ------------------------------------------------------------------ real videos
+    def image_size_rule(self, pipeline: Any) -> tuple[int, int]:
+        """(native shorter side, multiple) in pixels: 480 (2B/5B: 60 × 90 latents) or 768 (1.5); VAE scale × patch.
+
+        The config's sample size is the native size of 1.0 models and the RoPE table's extent for 1.5
+        (whose native shorter side, 768 px, is capped to that extent).
+        """
+        config = self.transformer.config
+        scale = int(pipeline.vae_scale_factor_spatial)
+        native = min(int(config.sample_height), int(config.sample_width)) * scale
+        if config.patch_size_t is not None:
+            native = min(native, COGVIDEOX_15_SHORT_SIDE)
+        return native, scale * int(config.patch_size)
+
+    def frame_rule(self, pipeline: Any) -> tuple[int, int, int]:
+        """(VAE temporal ratio, multiple the latent frame count must be, native number of pixel frames)."""
+        config = self.transformer.config
+        return int(pipeline.vae_scale_factor_temporal), int(config.patch_size_t or 1), int(config.sample_frames)
+
+    def video_latents(self, pipeline: Any, pixels: torch.Tensor) -> torch.Tensor:
+        """Scaled VAE latents ``(1, F, C, h, w)`` (the layout the transformer takes) of ``pixels`` (1, 3, F, H, W)."""
+        vae, transformer = pipeline.vae, self.transformer
+        if int(transformer.config.in_channels) != int(vae.config.latent_channels):
+            raise TypeError(
+                f"{type(pipeline).__name__} feeds the transformer {transformer.config.in_channels} channels per "
+                f"frame, not the VAE's {vae.config.latent_channels} (an image-to-video or control model); "
+                "explaining real videos needs a text-to-video CogVideoX model"
+            )
+        with torch.no_grad():
+            encoded = vae.encode(pixels.to(device=transformer.device, dtype=vae.dtype)).latent_dist.mode()
+        return (encoded.permute(0, 2, 1, 3, 4) * vae.config.scaling_factor).to(transformer.dtype)
+
+    def video_inputs(
+        self,
+        pipeline: Any,
+        latents: torch.Tensor,
+        noise: torch.Tensor,
+        prompt: str,
+        timestep: float,
+        max_sequence_length: int | None,
+    ) -> dict[str, Any]:
+        """Transformer keyword arguments: ``latents`` (1, F, C, h, w) noised by each row of ``noise``.
+
+        The scheduler's ``add_noise`` at :func:`ddpm_timestep`; the prompt and RoPE as the pipeline builds them.
+        """
+        transformer = self.transformer
+        device, dtype = transformer.device, transformer.dtype
+        count = noise.shape[0]
+        steps = torch.full((count,), ddpm_timestep(pipeline.scheduler, timestep), dtype=torch.long, device=device)
+        clean = latents.float().expand(count, *latents.shape[1:])
+        noised = pipeline.scheduler.add_noise(clean, noise.float(), steps).to(dtype)
+        with torch.no_grad():
+            prompt_embeds, _ = pipeline.encode_prompt(
+                prompt=prompt, do_classifier_free_guidance=False, num_videos_per_prompt=count,
+                max_sequence_length=self.text_length(max_sequence_length), device=device,
+            )
+        return {
+            "hidden_states": noised,
+            "encoder_hidden_states": prompt_embeds.to(dtype),
+            "timestep": steps,
+            "image_rotary_emb": self._rotary(pipeline, noised),
+            "return_dict": False,
+        }
+
+    def text_length(self, max_sequence_length: int | None) -> int:
+        """Prompt tokens: ``max_text_seq_length`` unless given; models with a joint position table need exactly that."""
+        config = self.transformer.config
+        native = int(config.max_text_seq_length)
+        length = int(max_sequence_length or native)
+        if length != native and not config.use_rotary_positional_embeddings:
+            raise ValueError(
+                f"this CogVideoX model's position table has {native} text rows: max_sequence_length must be "
+                f"{native}, not {length}"
+            )
+        return length
+
+    def _rotary(self, pipeline: Any, latents: torch.Tensor) -> Any:
+        """The pipeline's RoPE tables for ``latents`` (B, F, C, h, w), or None for models without RoPE."""
+        if not self.transformer.config.use_rotary_positional_embeddings:
+            return None
+        config = self.transformer.config
+        scale = int(pipeline.vae_scale_factor_spatial)
+        _, frames, _, height, width = latents.shape
+        if config.patch_size_t is not None and (height > config.sample_height or width > config.sample_width):
+            raise ValueError(
+                f"{width * scale}x{height * scale} px is beyond this model's RoPE table (at most "
+                f"{config.sample_width * scale}x{config.sample_height * scale} px): pass a smaller size"
+            )
+        return pipeline._prepare_rotary_positional_embeddings(height * scale, width * scale, frames, latents.device)
 
     # ------------------------------------------------------------------ calls
     def is_conditional_call(self, bound: inspect.BoundArguments, context_name: str | None) -> bool:
