@@ -39,18 +39,22 @@ def read_points(curve: Path) -> list[dict]:
 
 def markdown_table(points: list[dict]) -> str:
     lines = ["| step | hours | loss | colour identity (default / best block) | colour mIoU (best) "
-             "| shape identity (default / best block) | shape mIoU (best) | generated right shape / colour | caption reliance (t=0.95) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| shape identity (default / best block) | shape mIoU (best) | generated right shape / colour "
+             "| two objects: both colours / first on the left / both shapes right | caption reliance (t=0.95) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for p in points:
         c, s = p["colour|empty"], p["shape|empty"]
         gen = p.get("generated_right_shape")
         gen_text = "" if gen is None else f"{gen:.2f} / {p['generated_right_colour']:.2f}"
+        pairs = p.get("generated_pairs")
+        pairs_text = "" if pairs is None else (f"{pairs['both_colours']:.2f} / {pairs['order_right_of_both']:.2f} / "
+                                               f"{pairs['bound']:.2f}")
         reliance = p.get("caption_reliance", {}).get("t=0.95")
         lines.append(
             f"| {p['step']} | {p['hours']:.2f} | {p['loss']:.3f} | {c['default']['identity']:.2f} / "
             f"{c['best']['identity']:.2f} (block {c['best_block']}) | {c['best']['miou']:.2f} | "
             f"{s['default']['identity']:.2f} / {s['best']['identity']:.2f} (block {s['best_block']}) | "
-            f"{s['best']['miou']:.2f} | {gen_text} | {'' if reliance is None else f'{reliance:.4f}'} |")
+            f"{s['best']['miou']:.2f} | {gen_text} | {pairs_text} | {'' if reliance is None else f'{reliance:.4f}'} |")
     return "\n".join(lines)
 
 
