@@ -1,4 +1,4 @@
-"""Does a text-to-image pipeline draw the caption's shape (and colour)? One-object captions only.
+"""Does a text-to-image pipeline draw the caption's shape (and colour)? One-object captions, optionally pairs.
 
 For every allowed (shape, colour, background) combination (4 x 4 x 3 minus EXCLUDED_PAIRS = 40
 captions "a {colour} {shape} on {background}") and ``--seeds`` seeds, one 64x64 image is generated
@@ -10,7 +10,7 @@ the fraction of images with more than one object-coloured region (the largest on
 the mean template IoU (best shape, and the caption's shape): forced-choice labels of shapeless
 blobs are near chance, a low best IoU shows that.
 
-``--pairs N`` adds N two-object captions "a {c1} {s1} and a {c2} {s2} on {background}" (different
+``--pairs N`` adds N two-object captions (one image each, seed = its index within its ``--batch`` chunk) "a {c1} {s1} and a {c2} {s2} on {background}" (different
 colours and shapes; the renderer lists objects left to right). Each colour is found with
 :func:`~concept_attention.scenes.shapes.colour_mask`; reported: both colours drawn, the first
 colour left of the second (chance 0.5), each colour region's shape right (chance 0.25), and both
@@ -59,6 +59,8 @@ def pair_captions(count: int, seed: int = 0) -> list[tuple[str, str, str, str, s
     every = [(c1, s1, c2, s2, b) for c1 in COLOURS for c2 in COLOURS for s1 in SHAPES for s2 in SHAPES
              for b in BACKGROUNDS
              if c1 != c2 and s1 != s2 and (c1, b) not in EXCLUDED_PAIRS and (c2, b) not in EXCLUDED_PAIRS]
+    if count > len(every):
+        raise ValueError(f"there are only {len(every)} different two-object captions, asked for {count}")
     order = np.random.default_rng(seed).permutation(len(every))[:count]
     return [every[i] for i in order]
 
@@ -193,8 +195,9 @@ def main() -> None:
             images.append(img)
     summary = summarise(records)
     pairs = []
-    for i in range(0, args.pairs, args.batch):
-        chunk = pair_captions(args.pairs)[i: i + args.batch]
+    specs = pair_captions(args.pairs)
+    for i in range(0, len(specs), args.batch):
+        chunk = specs[i: i + args.batch]
         prompts = [f"a {c1} {s1} and a {c2} {s2} on {b}" for c1, s1, c2, s2, b in chunk]
         batch = generate(pipe, prompts, list(range(len(chunk))), args.steps, args.guidance)
         pairs += [{"prompt": p, **judge_pair(img, *spec)} for p, spec, img in zip(prompts, chunk, batch)]

@@ -3,9 +3,11 @@
 
 Exports the checkpoint's EMA weights to a temporary pipeline, runs ``benchmarks/scenes.py`` on
 ``--scenes`` held-out scenes (both tasks, caption and empty prompt) and, with ``--generated``,
-``benchmarks/generated_shapes.py``; then appends a JSON line to ``--curve`` with the step, the
-training wall time, the mean loss of the last 200 steps and, per task, the ConceptAttention scores
-of the default blocks and of the best single block.
+``benchmarks/generated_shapes.py`` (one-object captions and ``--pairs`` two-object captions); then
+appends a JSON line to ``--curve`` with the step, the training wall time, the mean loss of the last
+200 steps, the caption reliance (loss with the empty caption minus with the true one), the concept
+queries' selectivity per block and, per task, the ConceptAttention scores of the default blocks
+and of the best single block.
 
   python scripts/track_embedded.py --ckpt checkpoints/embedded/last.pt --scenes 40 --generated
 """

@@ -40,7 +40,8 @@ from concept_attention.scenes import render_scene, training_caption
 
 HELDOUT_SEED_BASE = 1_000_000_000  # training scene seeds are < this
 TRAINABLE = ("transformer", "text_encoder", "text_encoder_2")
-RECIPE_DEFAULTS = {"t_logit_mean": 0.0, "t_high_frac": 0.0, "t_high_mean": 3.0, "two_object_frac": 0.0}
+RECIPE_DEFAULTS = {"t_logit_mean": 0.0, "t_high_frac": 0.0, "t_high_mean": 3.0, "two_object_frac": 0.0,
+                   "decay_start": 0, "decay_steps": 0, "lr_final": 1e-4}
 #: seeds of the held-out scenes of benchmarks/scenes.py (test and validation splits); never drawn as extra seeds
 HELDOUT_RANGES = ((800_000_000, 801_000_000), (900_000_000, 901_000_000))
 
@@ -264,19 +265,24 @@ def parse_args(argv=None):
                     help="fraction of training scenes redrawn to have two objects of different colours and shapes "
                          "(the caption is then only drawn right if words bind to objects); default: the "
                          "checkpoint's value, else 0")
-    ap.add_argument("--decay-start", type=int, default=0,
-                    help="step where the learning rate starts a linear decay (0 = constant after warm-up)")
-    ap.add_argument("--decay-steps", type=int, default=0, help="length of the linear decay")
-    ap.add_argument("--lr-final", type=float, default=1e-4, help="learning rate at the end of the decay")
+    ap.add_argument("--decay-start", type=int, default=None,
+                    help="step where the learning rate starts a linear decay to --lr-final; default: the "
+                         "checkpoint's value, else 0")
+    ap.add_argument("--decay-steps", type=int, default=None,
+                    help="length of the linear decay (0 = no decay: constant --lr after warm-up); default: the "
+                         "checkpoint's value, else 0")
+    ap.add_argument("--lr-final", type=float, default=None,
+                    help="learning rate at the end of the decay; default: the checkpoint's value, else 1e-4")
     return ap.parse_args(argv)
 
 
 def lr_at(step, args):
-    lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
-    if args.decay_steps > 0 and step >= args.decay_start:
+    """Linear warm-up to --lr, then constant, or a linear decay to --lr-final from --decay-start."""
+    lr = args.lr
+    if args.decay_steps and step >= args.decay_start:
         frac = min(1.0, (step - args.decay_start) / args.decay_steps)
         lr = args.lr + frac * (args.lr_final - args.lr)
-    return lr
+    return lr * min(1.0, (step + 1) / max(1, args.warmup))
 
 
 def pooled_layer(pipe):

@@ -57,6 +57,16 @@ def test_explain_writes_documented_files(model_dir, tmp_path):
     assert maps.meta["num_samples"] == 2 and maps.meta["original_size"] == [50, 30]
 
 
+def test_explain_takes_a_gif_as_an_image_for_an_image_model(model_dir, tmp_path):
+    image = tmp_path / "still.gif"
+    Image.fromarray((np.random.default_rng(2).random((30, 50, 3)) * 255).astype("uint8")).save(image)
+    out = tmp_path / "gif"
+    code = main(["explain", str(image), "--concepts", "dog,sky", "--model", str(model_dir), "--out", str(out),
+                 "--samples", "1", "--no-figure"])
+    assert code == 0
+    assert ConceptMaps.load(out).meta["original_size"] == [50, 30]
+
+
 @pytest.mark.parametrize(
     "argv,code,message",
     [

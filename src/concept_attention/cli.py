@@ -202,7 +202,8 @@ def run_explain(args: argparse.Namespace) -> int:
     concepts = parse_concepts(args.concepts)
     size = parse_size(args.size)
     layers = parse_indices(args.layers, "--layers")
-    is_video = Path(args.image).suffix.lower() in VIDEO_SUFFIXES
+    suffix = Path(args.image).suffix.lower()
+    is_video = suffix in VIDEO_SUFFIXES
     if args.frames is not None and not is_video:
         raise UsageError(f"--frames is for videos ({', '.join(VIDEO_SUFFIXES)}), not {args.image}")
     # fail fast on unreadable files, before loading a model
@@ -211,6 +212,11 @@ def run_explain(args: argparse.Namespace) -> int:
         load_video(args.image, max_frames=1)
     started = time.perf_counter()
     pipe = _load(args, console)
+    if suffix == ".gif" and args.frames is None:  # a GIF is a video for a video model, else an image
+        from .adapters import resolve_adapter
+
+        is_video = resolve_adapter(pipe.transformer).video
+        image = None if is_video else load_image(args.image)
     spaces = [args.space] + (["cross_attention"] if args.space != "cross_attention" else [])
     timestep = args.timestep if args.timestep is not None else float(pipeline_defaults(pipe).get("timestep", 0.5))
     options: dict[str, Any] = dict(prompt=args.prompt, timestep=timestep, seed=args.seed, layers=layers, size=size,

@@ -39,7 +39,7 @@ def test_resume_continues_and_switches_are_sticky(train_module, tmp_path):
     assert first["step"] == 2 and not first["args"]["freeze_t5"]
 
     run(train_module, tmp_path, "--resume", "--max-steps", "4", "--zero-pooled", "--freeze-t5", "--t-logit-mean", "1.1",
-        "--t-high-frac", "0.5", "--two-object-frac", "0.8")
+        "--t-high-frac", "0.5", "--two-object-frac", "0.8", "--decay-start", "3", "--decay-steps", "100")
     run(train_module, tmp_path, "--resume", "--max-steps", "5")  # flags not repeated: still on
     rows = loss_rows(tmp_path)
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5]
@@ -52,7 +52,11 @@ def test_resume_continues_and_switches_are_sticky(train_module, tmp_path):
     assert last["args"]["history"] == [{"step": 2, "change": "zero_pooled"}, {"step": 2, "change": "freeze_t5"},
                                        {"step": 2, "change": "t_logit_mean=1.1"},
                                        {"step": 2, "change": "t_high_frac=0.5"},
-                                       {"step": 2, "change": "two_object_frac=0.8"}]
+                                       {"step": 2, "change": "two_object_frac=0.8"},
+                                       {"step": 2, "change": "decay_start=3"},
+                                       {"step": 2, "change": "decay_steps=100"}]
+    assert last["args"]["decay_start"] == 3 and last["args"]["decay_steps"] == 100
+    assert float(rows[-1]["lr"]) < float(rows[2]["lr"])  # step 5 is in the decay, also after a resume without flags
 
     # the frozen T5 is exactly the seeded initial encoder, the pooled projection exactly zero
     fresh = train_module.load_models(str(VAE), seed=0)
@@ -92,9 +96,12 @@ def test_noise_level_mixture(train_module):
 def test_two_object_fraction(train_module):
     from concept_attention.scenes.render import render_scene
 
-    images, captions = train_module.make_batch(0, 7, 8)
-    again, _ = train_module.make_batch(0, 7, 8, two_object_frac=0.0)
-    assert torch.equal(images, again)  # 0 = the original stream, bit for bit
+    import numpy as np
+
+    images, _ = train_module.make_batch(0, 7, 8, two_object_frac=0.0)
+    seeds = np.random.default_rng([0, 7, 0xDA7A]).integers(0, train_module.HELDOUT_SEED_BASE, 8)
+    original = np.stack([render_scene(int(s)).image for s in seeds])
+    assert torch.equal(images, torch.from_numpy(original))  # 0 = the original stream, bit for bit
 
     forced, forced_captions = train_module.make_batch(0, 7, 16, caption_mode="full", two_object_frac=1.0)
     scenes = [render_scene(s) for s in range(200)]

@@ -1,4 +1,4 @@
-"""A simple, interpretable shape scorer for one-object images (e.g. generated ones).
+"""A simple, interpretable shape scorer for generated images (one object, or one object per colour).
 
 1. :func:`object_pixels` labels each pixel with its nearest reference colour (the four object
    colours and samples of the three backgrounds) and keeps "object" pixels; :func:`object_mask`
@@ -7,6 +7,7 @@
    own geometry (``render._coverage``): radius from the mask area, centre from the centroid, then a
    small hill-climb over offsets (±3 px) and radius (x0.85..1.15); the score is the best IoU.
 3. :func:`classify_shape` is the argmax, or ``None`` when no object region is found.
+4. :func:`colour_mask` finds the region of one object colour, for images with several objects.
 """
 from __future__ import annotations
 
