@@ -52,12 +52,10 @@ import torch
 
 from concept_attention import explain, load_pipeline
 from concept_attention.evaluation.metrics import ConfusionMatrix, binary_scores
+from concept_attention.evaluation.scenes import HELD_OUT_SEED, VALIDATION_SEED
 from concept_attention.scenes.render import BACKGROUNDS, COLOURS, SHAPES, render_scene
 from concept_attention.viz import upsample
 
-HELD_OUT_SEED = 900_000_000
-VALIDATION_SEED = 800_000_000
-"""Scenes for choosing settings (default blocks, timestep): never the held-out test scenes above."""
 SPACES = ("output", "cross_attention", "value")
 PROMPT_CROSS_ATTENTION = "prompt cross-attention"
 

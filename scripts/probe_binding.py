@@ -61,11 +61,12 @@ def main() -> None:
 
     from train_embedded import MAX_SEQUENCE_LENGTH, latents_and_ids, load_ema_pipeline
 
+    from concept_attention.evaluation.scenes import HELD_OUT_SEED
     from concept_attention.scenes.render import render_scene
 
     torch.set_grad_enabled(False)
     pipe = load_ema_pipeline(args.ckpt)
-    scenes, seed = [], 900_000_000
+    scenes, seed = [], HELD_OUT_SEED
     while len(scenes) < args.scenes:
         scene = render_scene(seed)
         seed += 1

@@ -69,6 +69,7 @@ def query_selectivity(model_dir: Path, count: int = 20, timestep: float = 0.9) -
     import torch
 
     from concept_attention import explain, load_pipeline
+    from concept_attention.evaluation.scenes import HELD_OUT_SEED
     from concept_attention.scenes.render import BACKGROUNDS, COLOURS, SHAPES, render_scene
     from concept_attention.viz import upsample
 
@@ -76,7 +77,7 @@ def query_selectivity(model_dir: Path, count: int = 20, timestep: float = 0.9) -
     blocks = list(range(len(pipe.transformer.transformer_blocks)))
     totals = {b: [] for b in blocks}
     for index in range(count):
-        scene = render_scene(900_000_000 + index)
+        scene = render_scene(HELD_OUT_SEED + index)
         for words, kind in ((list(COLOURS), "colour"), (list(SHAPES), "shape")):
             maps = explain(pipe, scene.image, words + list(BACKGROUNDS), timestep=timestep, num_samples=1,
                            seed=index, layers=blocks, space="cross_attention", softmax=False)

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from concept_attention.embedded import MAX_SEQUENCE_LENGTH, build_pipeline
+from concept_attention.evaluation.scenes import HELD_OUT_SEED, VALIDATION_SEED
 from concept_attention.scenes import render_scene, training_caption
 
 HELDOUT_SEED_BASE = 1_000_000_000  # training scene seeds are < this
@@ -43,7 +44,7 @@ TRAINABLE = ("transformer", "text_encoder", "text_encoder_2")
 RECIPE_DEFAULTS = {"t_logit_mean": 0.0, "t_high_frac": 0.0, "t_high_mean": 3.0, "two_object_frac": 0.0,
                    "decay_start": 0, "decay_steps": 0, "lr_final": 1e-4}
 #: seeds of the held-out scenes of benchmarks/scenes.py (test and validation splits); never drawn as extra seeds
-HELDOUT_RANGES = ((800_000_000, 801_000_000), (900_000_000, 901_000_000))
+HELDOUT_RANGES = tuple((first, first + 1_000_000) for first in (HELD_OUT_SEED, VALIDATION_SEED))
 
 
 # --------------------------------------------------------------------------- data

@@ -4,7 +4,7 @@ import pytest
 from concept_attention.scenes.render import BACKGROUNDS, SHAPES, _background, _coverage, render_scene
 from concept_attention.scenes.shapes import classify_shape, colour_mask, object_mask, shape_scores
 
-HELD_OUT_SEED = 900_000_000
+from concept_attention.evaluation.scenes import HELD_OUT_SEED
 N_SCENES = 110
 
 
