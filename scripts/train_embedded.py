@@ -246,6 +246,9 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=1, help="0 = render in the main process")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile the transformer in place (benchmarks/train_step_speed.py: ~10 %% less time "
+                         "per step on 2 CPU cores, after ~2 min of compiling at every start)")
     ap.add_argument("--save-minutes", type=float, default=5.0)
     ap.add_argument("--log-every", type=int, default=20)
     ap.add_argument("--zero-pooled", action="store_true",
@@ -326,6 +329,8 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     pipe = load_models(args.vae, args.seed)
+    if args.compile:
+        pipe.transformer.compile()  # in place: parameter names, checkpoints and the EMA are unchanged
     for name in TRAINABLE:
         getattr(pipe, name).train().requires_grad_(True)
     initial_t5 = {k: v.clone() for k, v in pipe.text_encoder_2.state_dict().items()}

@@ -111,3 +111,10 @@ def test_two_object_fraction(train_module):
     assert 0.05 < natural < 0.5  # so forcing changes the distribution
     pairs = [c.split(" on ")[0].split(" and ") for c in forced_captions]
     assert all(a.split()[1] != b.split()[1] and a.split()[2] != b.split()[2] for a, b in pairs)
+
+
+def test_compile_flag_compiles_the_transformer_in_place(train_module, tmp_path, monkeypatch):
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(type(self).__name__))
+    run(train_module, tmp_path, "--max-steps", "1", "--compile")
+    assert compiled == ["FluxTransformer2DModel"]
