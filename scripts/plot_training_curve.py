@@ -50,8 +50,9 @@ def markdown_table(points: list[dict]) -> str:
         pairs_text = "" if pairs is None else (f"{pairs['both_colours']:.2f} / {pairs['order_right_of_both']:.2f} / "
                                                f"{pairs['bound']:.2f}")
         reliance = p.get("caption_reliance", {}).get("t=0.95")
+        loss_text = "" if p.get("loss") is None else f"{p['loss']:.3f}"
         lines.append(
-            f"| {p['step']} | {p['hours']:.2f} | {'' if p.get('loss') is None else f"{p['loss']:.3f}"} | {c['default']['identity']:.2f} / "
+            f"| {p['step']} | {p['hours']:.2f} | {loss_text} | {c['default']['identity']:.2f} / "
             f"{c['best']['identity']:.2f} (block {c['best_block']}) | {c['best']['miou']:.2f} | "
             f"{s['default']['identity']:.2f} / {s['best']['identity']:.2f} (block {s['best_block']}) | "
             f"{s['best']['miou']:.2f} | {gen_text} | {pairs_text} | {'' if reliance is None else f'{reliance:.4f}'} |")

@@ -1,0 +1,30 @@
+"""scripts/plot_training_curve.py: the model card's curve table from tracker points."""
+import importlib.util
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def load():
+    spec = importlib.util.spec_from_file_location("plot_training_curve", ROOT / "scripts" / "plot_training_curve.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def point(step, **extra):
+    task = {"default": {"identity": 0.3, "miou": 0.2, "acc": 0.5}, "best_block": 1,
+            "best": {"identity": 0.4, "miou": 0.25, "acc": 0.5}}
+    return {"step": step, "hours": step / 1000, "loss": 0.3, "colour|empty": task, "shape|empty": task, **extra}
+
+
+def test_markdown_table_rows_with_and_without_optional_columns():
+    table = load().markdown_table([
+        point(10, loss=None),
+        point(20, generated_right_shape=0.875, generated_right_colour=1.0, caption_reliance={"t=0.95": 0.12},
+              generated_pairs={"both_colours": 1.0, "order_right_of_both": 0.5, "bound": 0.25}),
+    ])
+    header, rule, first, second = table.splitlines()
+    assert header.count("|") == rule.count("|") == first.count("|") == second.count("|")
+    assert first.startswith("| 10 | 0.01 |  | 0.30 / 0.40 (block 1)")
+    assert "| 0.88 / 1.00 | 1.00 / 0.50 / 0.25 | 0.1200 |" in second
