@@ -172,6 +172,20 @@ def test_inputs_of_every_kind(cog_rope, tmp_path):
     assert from_file.tensor.shape == reference.tensor.shape and len(from_file.frames) == 9
 
 
+def test_overlay_videos_keep_the_source_frame_rate(cog_rope, tmp_path):
+    source = video.write_video(tmp_path / "clip.mp4", list(clip(9, seed=11)), fps=4.0)
+    maps = explain_video(cog_rope, source, CONCEPTS, num_samples=1)
+    assert maps.meta["fps"] == pytest.approx(4.0)
+    out = maps.save(tmp_path / "run", figure=False)
+    assert video.video_fps(out / "dog.mp4") == pytest.approx(4.0)
+    assert ConceptMaps.load(out).meta["fps"] == pytest.approx(4.0)
+    gif = video.write_video(tmp_path / "clip.gif", list(clip(9, seed=11)), fps=5.0)
+    assert explain_video(cog_rope, gif, CONCEPTS, num_samples=1).meta["fps"] == pytest.approx(5.0)
+    assert "fps" not in explain_video(cog_rope, clip(9), CONCEPTS, num_samples=1).meta  # arrays carry no rate
+    explain_video(cog_rope, clip(9), CONCEPTS, num_samples=1).save(tmp_path / "array", figure=False)
+    assert video.video_fps(tmp_path / "array" / "dog.mp4") == pytest.approx(8.0)  # the default
+
+
 def test_the_video_to_video_pipeline_gives_the_same_maps(cog_rope):
     from diffusers import CogVideoXVideoToVideoPipeline
 

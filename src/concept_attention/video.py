@@ -155,6 +155,23 @@ def read_video(path: str | Path, max_frames: int | None = None) -> np.ndarray:
         return np.stack([np.asarray(frame)[..., :3] for frame in islice(reader, max_frames)])
 
 
+def video_fps(path: str | Path) -> float | None:
+    """Frames per second of a video file (GIF: from its frame duration), None if it does not say."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() == ".gif":
+            with Image.open(path) as picture:
+                duration = picture.info.get("duration")
+            return 1000.0 / duration if duration else None
+        import imageio.v2 as imageio
+
+        with imageio.get_reader(path) as reader:
+            fps = reader.get_meta_data().get("fps")
+        return float(fps) if fps else None
+    except Exception:  # metadata is optional; the frames were already read
+        return None
+
+
 def load_video(video: Any, max_frames: int | None = None) -> list[Image.Image]:
     """RGB frames of a video file path or of anything :func:`to_frames` takes; at most ``max_frames``.
 

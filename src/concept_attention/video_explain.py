@@ -24,6 +24,7 @@ noise of shape ``(num_samples, F, C, h, w)`` from ``torch.Generator().manual_see
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -31,7 +32,7 @@ import torch
 from .core.maps import ConceptMaps
 from .core.session import ConceptAttention
 from .explain import check_request, family_adapter, run_size, run_to_last_layer
-from .video import load_video
+from .video import load_video, video_fps
 
 
 def valid_frame_counts(ratio: int, multiple: int, up_to: int) -> list[int]:
@@ -153,5 +154,7 @@ def explain_video(
             "model_size": [width, height],
         }
     )
+    if isinstance(video, (str, Path)):
+        maps.meta["fps"] = video_fps(video)
     maps.frames = frames
     return maps

@@ -232,7 +232,7 @@ class ConceptMaps:
         alpha: float = 0.8,
         figure: bool = True,
         frames: Any = None,
-        fps: float = 8.0,
+        fps: float | None = None,
         video_format: str = "auto",
     ) -> Path:
         """Write the result folder.
@@ -244,7 +244,8 @@ class ConceptMaps:
         with the heat map over the frames (``frames`` or ``self.frames``, else the bare heat map)
         and ``contact_sheet.png`` (a few frames × concepts); see :mod:`concept_attention.video`.
         The frames themselves go to ``frames/0000.png``, ... and the image of video maps to
-        ``image.png``, so that :meth:`load` restores every field.
+        ``image.png``, so that :meth:`load` restores every field. Videos play at ``fps``, default
+        the source video's (``meta["fps"]``, set by ``explain_video`` for files), else 8.
         """
         from .. import __version__
 
@@ -291,7 +292,8 @@ class ConceptMaps:
             from .. import video
 
             video_files = video.save_video_maps(
-                self, out, files, source, batch_index=batch_index, fps=fps, video_format=video_format,
+                self, out, files, source, batch_index=batch_index, fps=fps or self.meta.get("fps") or 8.0,
+                video_format=video_format,
                 cmap=cmap, alpha=alpha,
             )
         frame_files = None
