@@ -37,17 +37,15 @@ def recent_loss(loss_csv: Path, step: int, window: int = 200) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def caption_reliance(model_dir: Path, levels=(0.9, 0.95, 0.98), count: int = 48) -> dict[str, float]:
+def caption_reliance(pipe, levels=(0.9, 0.95, 0.98), count: int = 48) -> dict[str, float]:
     """Flow loss with the empty caption minus with the true caption on ``count`` training-style scenes.
 
     Zero means the model ignores the caption at that noise level; the larger, the more it uses it.
     """
     import torch
 
-    from concept_attention import load_pipeline
     from train_embedded import flow_loss, make_batch
 
-    pipe = load_pipeline(model_dir)
     images, captions = make_batch(12345, 0, count, caption_mode="full")
     out = {}
     with torch.no_grad():
@@ -59,7 +57,7 @@ def caption_reliance(model_dir: Path, levels=(0.9, 0.95, 0.98), count: int = 48)
     return out
 
 
-def query_selectivity(model_dir: Path, count: int = 20, timestep: float = 0.9) -> dict[str, float]:
+def query_selectivity(pipe, count: int = 20, timestep: float = 0.9) -> dict[str, float]:
     """Do concept queries pick out their own object? Per block, over ``count`` held-out scenes.
 
     For each object: (mean inside − mean outside the object of its own word's query·key logit) minus
@@ -68,12 +66,11 @@ def query_selectivity(model_dir: Path, count: int = 20, timestep: float = 0.9) -
     import numpy as np
     import torch
 
-    from concept_attention import explain, load_pipeline
+    from concept_attention import explain
     from concept_attention.evaluation.scenes import HELD_OUT_SEED
     from concept_attention.scenes.render import BACKGROUNDS, COLOURS, SHAPES, render_scene
     from concept_attention.viz import upsample
 
-    pipe = load_pipeline(model_dir)
     blocks = list(range(len(pipe.transformer.transformer_blocks)))
     totals = {b: [] for b in blocks}
     for index in range(count):
@@ -135,8 +132,12 @@ def main() -> None:
     point = {"step": step, "hours": round(wall / 3600, 3),
              "loss": recent_loss(Path(args.loss_csv or Path(args.ckpt).parent / "loss.csv"), step), "scenes": args.scenes,
              "timestep": args.timestep}
-    point["caption_reliance"] = caption_reliance(model_dir)
-    point["query_selectivity"] = query_selectivity(model_dir)
+    from concept_attention import load_pipeline
+
+    pipe = load_pipeline(model_dir)
+    point["caption_reliance"] = caption_reliance(pipe)
+    point["query_selectivity"] = query_selectivity(pipe)
+    del pipe
     for task in ("colour", "shape"):
         for prompt in ("empty", "caption"):
             point[f"{task}|{prompt}"] = summarise(results, task, prompt)

@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from concept_attention.scenes.render import render_scene
-
-PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "generated_shapes.py"
+from repo_scripts import load_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("benchmark_generated_shapes", PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/generated_shapes.py", "benchmark_generated_shapes")
 
 
 def two_object_scenes(count: int):

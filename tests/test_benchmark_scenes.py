@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 import tiny
+from repo_scripts import load_script
 
-SCENES_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "scenes.py"
 
 
 @pytest.fixture(scope="module")
 def scenes():
-    spec = importlib.util.spec_from_file_location("benchmark_scenes", SCENES_PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/scenes.py", "benchmark_scenes")
 
 
 @pytest.fixture()

@@ -1,11 +1,11 @@
 """The embedded model's training script: resumable, sticky recipe switches, frozen parts stay frozen."""
 import csv
-import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from repo_scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 VAE = ROOT / "checkpoints" / "embedded" / "vae"
@@ -14,10 +14,7 @@ VAE = ROOT / "checkpoints" / "embedded" / "vae"
 @pytest.fixture(scope="module")
 def train_module():
     sys.path.insert(0, str(ROOT / "scripts"))
-    spec = importlib.util.spec_from_file_location("train_embedded", ROOT / "scripts" / "train_embedded.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    yield module
+    yield load_script("scripts/train_embedded.py", "train_embedded")
     sys.path.remove(str(ROOT / "scripts"))
 
 

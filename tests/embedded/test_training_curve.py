@@ -1,15 +1,9 @@
 """scripts/plot_training_curve.py: the model card's curve table from tracker points."""
-import importlib.util
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
+from repo_scripts import load_script
 
 
 def load():
-    spec = importlib.util.spec_from_file_location("plot_training_curve", ROOT / "scripts" / "plot_training_curve.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scripts/plot_training_curve.py")
 
 
 def point(step, **extra):
