@@ -26,7 +26,6 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-GUIDANCE = 3.0  # the embedded model's default classifier-free guidance (concept_attention.json)
 
 
 def recent_loss(loss_csv: Path, step: int, window: int = 200) -> float | None:
@@ -142,13 +141,14 @@ def main() -> None:
         for prompt in ("empty", "caption"):
             point[f"{task}|{prompt}"] = summarise(results, task, prompt)
     if args.generated:
+        guidance = float(json.loads(defaults.read_text()).get("true_cfg_scale", 1.0))  # the model's default
         out = work / "generated.json"
         subprocess.run([sys.executable, str(ROOT / "benchmarks" / "generated_shapes.py"), "--model",
-                        str(model_dir), "--out", str(out), "--guidance", str(GUIDANCE), "--pairs", str(args.pairs)], check=True, env=env, stdout=subprocess.DEVNULL)
+                        str(model_dir), "--out", str(out), "--guidance", str(guidance), "--pairs", str(args.pairs)], check=True, env=env, stdout=subprocess.DEVNULL)
         generated = json.loads(out.read_text())["summary"]
         point["generated_right_shape"] = generated["shape_right"]
         point["generated_right_colour"] = generated["colour_right"]
-        point["generated_guidance"] = GUIDANCE
+        point["generated_guidance"] = guidance
         if "pairs" in generated:
             point["generated_pairs"] = {k: round(v, 4) for k, v in generated["pairs"].items()}
     with open(args.curve, "a") as f:
