@@ -75,6 +75,7 @@ def test_explain_takes_a_gif_as_an_image_for_an_image_model(model_dir, tmp_path)
         (["generate", "x", "--concepts", "a", "--layers", "7"], 2, "out of range"),
         (["generate", "x", "--concepts", "a", "--size", "30x30"], 2, "multiples of 4"),
         (["generate", "x", "--concepts", "a", "--steps", "0"], 2, "--steps"),
+        (["generate", "x", "--concepts", "a", "--frames", "9"], 2, "num_frames is for video models"),
         (["explain", "missing.png", "--concepts", "a"], 2, "no image file"),
     ],
 )

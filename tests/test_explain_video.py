@@ -273,6 +273,19 @@ def test_cli_explains_a_video_file(cog_dir, tmp_path, capsys):
     assert ConceptMaps.load(tmp_path / "short").meta["num_samples"] == 2  # explain_video's default
 
 
+def test_cli_generates_a_video_with_a_chosen_frame_count(cog_dir, tmp_path, capsys):
+    from concept_attention.cli import main
+
+    out = tmp_path / "generated"
+    code = main(["generate", "a dog", "--model", str(cog_dir), "--concepts", "dog,sky", "--steps", "2",
+                 "--size", "48x32", "--frames", "9", "--out", str(out), "--no-figure"])
+    assert code == 0, capsys.readouterr().err
+    assert video.read_video(out / "dog.mp4").shape == (9, 32, 48, 3)
+    assert ConceptMaps.load(out).meta["num_frames"] == 9
+    assert main(["generate", "a dog", "--model", str(cog_dir), "--concepts", "dog", "--frames", "7"]) == 2
+    assert "num_frames=7 is not accepted" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "file,model,extra,message",
     [

@@ -1,10 +1,12 @@
-"""The web app: generate or explain images with concept maps in the browser (gradio).
+"""The web app: generate or explain images (or videos) with concept maps in the browser (gradio).
 
 ``concept-attention app [--model ID_OR_PATH] [--host 127.0.0.1] [--port 7860] [--share no]``
 
 One pipeline instance is shared; gradio's queue runs one request at a time and each request
 opens its own ConceptAttention session, so concurrent users never see each other's maps.
-Errors a user can cause (no concepts, too many, unreadable uploads, sizes the model cannot take)
+A video model (CogVideoX) gets the same two tabs for videos: a frame-count choice, a video
+upload, one heat-map video per concept and a contact sheet (frames × concepts) in place of the
+segmentation. Errors a user can cause (no concepts, too many, unreadable uploads, sizes the model cannot take)
 are shown as a message in the page; the app keeps serving.
 """
 
@@ -16,12 +18,13 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from . import viz
 from .core.maps import ConceptMaps
 from .explain import explain, load_image
-from .generate import generate
+from .generate import generate, size_rule
 from .loading import pipeline_defaults
 
 MAX_CONCEPTS = 8
@@ -81,10 +84,7 @@ def segmentation_with_legend(maps: ConceptMaps, image: Image.Image) -> Image.Ima
 def result_views(maps: ConceptMaps, workdir: Path) -> tuple:
     """(image, overlays, segmentation, cross-attention overlays, zip path) for the page."""
     image = maps.image
-    display = image
-    if max(image.size) < 256:  # small model outputs: enlarge for the page (nearest keeps pixels crisp)
-        factor = 256 // max(image.size)
-        display = image.resize((image.width * factor, image.height * factor), Image.NEAREST)
+    display = enlarged(image)
     overlays = [(maps.overlay(display, c), c) for c in maps.concepts]
     cross = maps.others.get("cross_attention")
     cross_overlays = [(cross.overlay(display, c), f"{c} (cross-attention)") for c in cross.concepts] if cross else []
@@ -95,12 +95,52 @@ def result_views(maps: ConceptMaps, workdir: Path) -> tuple:
     return display, overlays, segmentation, cross_overlays, archive
 
 
+def enlarged(image: Image.Image, at_least: int = 256) -> Image.Image:
+    """Small model outputs enlarged for the page (nearest keeps pixels crisp); others unchanged."""
+    if max(image.size) >= at_least:
+        return image
+    factor = at_least // max(image.size)
+    return image.resize((image.width * factor, image.height * factor), Image.NEAREST)
+
+
+def video_views(maps: ConceptMaps, workdir: Path) -> tuple:
+    """(video, heat-map videos, contact sheet, cross-attention heat-map videos, zip path) for the page."""
+    from . import video
+
+    frames = [enlarged(frame) for frame in maps.frames]
+    fps = float(maps.meta.get("fps") or 8.0)
+    shown = workdir / "shown"
+    shown.mkdir(exist_ok=True)
+    clip = video.write_video(shown / "video.mp4", [np.asarray(frame) for frame in frames], fps=fps)
+
+    def heat_videos(which: ConceptMaps, suffix: str) -> list[tuple[str, str]]:
+        views = []
+        for index, concept in enumerate(which.concepts):
+            heat = video.heat_frames(which, concept, frames)
+            path = video.write_video(shown / f"{suffix}{index}.mp4", heat, fps=fps)
+            views.append((str(path), concept if not suffix else f"{concept} (cross-attention)"))
+        return views
+
+    cross = maps.others.get("cross_attention")
+    sheet = video.contact_sheet(maps, maps.frames)
+    folder = workdir / "concept-maps"
+    maps.save(folder, figure=False)
+    archive = shutil.make_archive(str(workdir / "concept-maps"), "zip", root_dir=folder)
+    return (str(clip), heat_videos(maps, ""), sheet,
+            heat_videos(cross, "cross") if cross is not None else [], archive)
+
+
 class ConceptApp:
     """Request handlers around one shared pipeline (a lock makes sure one request runs at a time)."""
 
     def __init__(self, pipe: Any) -> None:
+        from .adapters import resolve_adapter
+
         self.pipe = pipe
         self.defaults = pipeline_defaults(pipe)
+        self.adapter = resolve_adapter(pipe.transformer)
+        self.video = bool(self.adapter.video)
+        """Whether the model makes videos (CogVideoX): uploads are videos, results heat-map videos."""
         self._lock = threading.Lock()
         self._tmp = Path(tempfile.mkdtemp(prefix="concept-attention-app-"))
         self._count = 0
@@ -113,12 +153,23 @@ class ConceptApp:
 
     @property
     def num_layers(self) -> int:
-        from .adapters import resolve_adapter
+        return len(self.adapter.dual_blocks)
 
-        return len(resolve_adapter(self.pipe.transformer).dual_blocks)
+    def frame_counts(self) -> list[int]:
+        """Frame counts the video model accepts, up to its native count (empty for image models)."""
+        if not self.video:
+            return []
+        from .video_explain import valid_frame_counts
+
+        ratio, multiple, native = self.adapter.frame_rule(self.pipe)
+        return valid_frame_counts(ratio, multiple, native)
+
+    def _views(self, maps: ConceptMaps) -> tuple:
+        return video_views(maps, self._workdir()) if maps.is_video else result_views(maps, self._workdir())
 
     def run_generate(self, prompt: str, concepts: Any, seed: float, steps: float, width: float, height: float,
-                     progress: Any = None) -> tuple:
+                     frames: Any = None, progress: Any = None) -> tuple:
+        """Generate and explain; ``frames`` (video models) is the number of frames to generate."""
         names = clean_concepts(concepts)
         if not isinstance(prompt, str) or not prompt.strip():
             raise UserInputError("Enter a prompt.")
@@ -130,19 +181,27 @@ class ConceptApp:
         with self._lock:
             try:
                 maps = generate(self.pipe, prompt.strip(), names, steps=int(steps), seed=int(seed),
-                                size=(int(width), int(height)), on_step=on_step)
+                                size=(int(width), int(height)), on_step=on_step,
+                                num_frames=int(frames) if frames and self.video else None)
             except (ValueError, TypeError) as error:
                 raise UserInputError(str(error)) from None
-            return result_views(maps, self._workdir())
+            return self._views(maps)
 
     def run_explain(self, upload: Any, concepts: Any, prompt: str, timestep: float, samples: float,
-                    layer_start: float, layer_end: float, progress: Any = None) -> tuple:
+                    layer_start: float, layer_end: float, frames: Any = None, progress: Any = None) -> tuple:
+        """Explain an uploaded image (or video); ``frames`` = leading frames to explain, 0/None: all that fit."""
         names = clean_concepts(concepts)
         if upload is None:
-            raise UserInputError("Upload an image first.")
+            raise UserInputError(f"Upload {'a video' if self.video else 'an image'} first.")
         try:
-            picture = load_image(upload)
-        except (ValueError, TypeError, FileNotFoundError) as error:
+            if self.video:
+                from .video import load_video
+
+                load_video(upload, max_frames=1)
+                picture = upload
+            else:
+                picture = load_image(upload)
+        except (ValueError, TypeError, FileNotFoundError, OSError) as error:
             raise UserInputError(f"Cannot use this upload: {error}") from None
         start, end = int(layer_start), int(layer_end)
         if start > end:
@@ -150,13 +209,26 @@ class ConceptApp:
         with self._lock:
             if progress is not None:
                 progress(0.1, desc="encoding and explaining")
+            options = dict(prompt=prompt or "", timestep=float(timestep), num_samples=int(samples),
+                           layers=list(range(start, end + 1)), space=["output", "cross_attention"])
             try:
-                maps = explain(self.pipe, picture, names, prompt=prompt or "", timestep=float(timestep),
-                               num_samples=int(samples), layers=list(range(start, end + 1)),
-                               space=["output", "cross_attention"])
+                if self.video:
+                    from .video_explain import explain_video
+
+                    maps = explain_video(self.pipe, picture, names, num_frames=int(frames) if frames else None,
+                                         **options)
+                else:
+                    maps = explain(self.pipe, picture, names, **options)
             except (ValueError, TypeError) as error:
                 raise UserInputError(str(error)) from None
-            return result_views(maps, self._workdir())
+            return self._views(maps)
+
+
+def result_component(gr: Any, video: bool, label: str, elem_id: str) -> Any:
+    """Where the generated or uploaded picture is shown: a video player for video models."""
+    if video:
+        return gr.Video(label=label, elem_id=elem_id)
+    return gr.Image(label=label, elem_id=elem_id, type="pil")
 
 
 def build_app(pipe: Any) -> Any:
@@ -167,11 +239,18 @@ def build_app(pipe: Any) -> Any:
     defaults = app.defaults
     examples = defaults.get("examples") or GENERIC_EXAMPLES
     vocabulary = sorted({c for example in examples for c in example["concepts"]})
-    size = int(defaults.get("size") or getattr(pipe, "default_sample_size", 128) * getattr(pipe, "vae_scale_factor", 8))
-    multiple = int(getattr(pipe, "vae_scale_factor", 8)) * 2
+    native, multiple = size_rule(pipe)
+    size = int(defaults.get("size") or native)
+    video = app.video
+    width = height = size
+    if video and not defaults.get("size") and hasattr(app.adapter, "native_frame_size"):
+        width, height = app.adapter.native_frame_size(pipe)
+    counts = app.frame_counts()
     steps = int(defaults.get("num_inference_steps") or 4)
     layers = app.num_layers
     first = examples[0]
+    sheet_label = "Contact sheet (frames × concepts)" if video else "Segmentation (argmax over concepts)"
+    per_frame = " (videos)" if video else ""
 
     def guarded(function):
         def wrapper(*args, progress=gr.Progress()):
@@ -191,7 +270,7 @@ def build_app(pipe: Any) -> Any:
             f"Model: `{getattr(pipe, 'model_id', None) or type(pipe).__name__}`. Concepts need not appear in the "
             f"prompt (up to {MAX_CONCEPTS}); add a filler such as a background word so that every pixel has a home."
         )
-        with gr.Tab("Generate an image"):
+        with gr.Tab(f"Generate {'a video' if video else 'an image'}"):
             with gr.Row():
                 with gr.Column():
                     g_prompt = gr.Dropdown(choices=[e["prompt"] for e in examples], value=first["prompt"],
@@ -203,14 +282,18 @@ def build_app(pipe: Any) -> Any:
                         g_seed = gr.Number(value=0, precision=0, label="Seed")
                         g_steps = gr.Slider(1, max(50, steps), value=steps, step=1, label="Steps")
                     with gr.Row():
-                        g_width = gr.Slider(multiple, size * 4, value=size, step=multiple, label="Width")
-                        g_height = gr.Slider(multiple, size * 4, value=size, step=multiple, label="Height")
+                        g_width = gr.Slider(multiple, max(width, height) * 4, value=width, step=multiple,
+                                            label="Width")
+                        g_height = gr.Slider(multiple, max(width, height) * 4, value=height, step=multiple,
+                                             label="Height")
+                    g_extra = [gr.Dropdown(choices=[(str(n), n) for n in counts], value=counts[-1], label="Frames",
+                                           elem_id="gen-frames")] if video else []
                     g_button = gr.Button("Generate", variant="primary", elem_id="gen-button")
                 with gr.Column():
-                    g_image = gr.Image(label="Generated image", elem_id="gen-image", type="pil")
-                    g_seg = gr.Image(label="Segmentation (argmax over concepts)", type="pil")
-            g_gallery = gr.Gallery(label="ConceptAttention maps", columns=4, elem_id="gen-gallery")
-            g_cross = gr.Gallery(label="Raw cross-attention maps (baseline)", columns=4)
+                    g_image = result_component(gr, video, "Generated video" if video else "Generated image", "gen-image")
+                    g_seg = gr.Image(label=sheet_label, type="pil")
+            g_gallery = gr.Gallery(label=f"ConceptAttention maps{per_frame}", columns=4, elem_id="gen-gallery")
+            g_cross = gr.Gallery(label=f"Raw cross-attention maps (baseline){per_frame}", columns=4)
             g_zip = gr.File(label="Download the result folder (zip)")
 
             def fill_concepts(prompt: str):
@@ -221,12 +304,13 @@ def build_app(pipe: Any) -> Any:
 
             g_prompt.change(fill_concepts, g_prompt, g_concepts)
             g_button.click(guarded(app.run_generate),
-                           [g_prompt, g_concepts, g_seed, g_steps, g_width, g_height],
+                           [g_prompt, g_concepts, g_seed, g_steps, g_width, g_height, *g_extra],
                            [g_image, g_gallery, g_seg, g_cross, g_zip], api_name="generate")
-        with gr.Tab("Explain an image"):
+        with gr.Tab(f"Explain {'a video' if video else 'an image'}"):
             with gr.Row():
                 with gr.Column():
-                    e_upload = gr.File(label="Image (any common format)", file_types=["image"],
+                    e_upload = gr.File(label="Video (MP4, WebM, GIF, ...)" if video else "Image (any common format)",
+                                       file_types=["video", ".gif"] if video else ["image"],
                                        type="filepath", elem_id="exp-upload")
                     e_concepts = gr.Dropdown(choices=vocabulary, value=first["concepts"], multiselect=True,
                                              allow_custom_value=True, label=f"Concepts (up to {MAX_CONCEPTS})",
@@ -239,15 +323,18 @@ def build_app(pipe: Any) -> Any:
                         default_layers = defaults.get("layers") or list(range(layers // 2, layers))
                         e_start = gr.Slider(0, layers - 1, value=min(default_layers), step=1, label="First layer")
                         e_end = gr.Slider(0, layers - 1, value=max(default_layers), step=1, label="Last layer")
+                    e_extra = [gr.Dropdown(choices=[("all the video has, up to the model's", 0)]
+                                           + [(str(n), n) for n in counts], value=0,
+                                           label="Leading frames to explain", elem_id="exp-frames")] if video else []
                     e_button = gr.Button("Explain", variant="primary", elem_id="exp-button")
                 with gr.Column():
-                    e_image = gr.Image(label="Image", type="pil")
-                    e_seg = gr.Image(label="Segmentation (argmax over concepts)", type="pil")
-            e_gallery = gr.Gallery(label="ConceptAttention maps", columns=4, elem_id="exp-gallery")
-            e_cross = gr.Gallery(label="Raw cross-attention maps (baseline)", columns=4)
+                    e_image = result_component(gr, video, "Video" if video else "Image", "exp-image")
+                    e_seg = gr.Image(label=sheet_label, type="pil")
+            e_gallery = gr.Gallery(label=f"ConceptAttention maps{per_frame}", columns=4, elem_id="exp-gallery")
+            e_cross = gr.Gallery(label=f"Raw cross-attention maps (baseline){per_frame}", columns=4)
             e_zip = gr.File(label="Download the result folder (zip)")
             e_button.click(guarded(app.run_explain),
-                           [e_upload, e_concepts, e_prompt, e_timestep, e_samples, e_start, e_end],
+                           [e_upload, e_concepts, e_prompt, e_timestep, e_samples, e_start, e_end, *e_extra],
                            [e_image, e_gallery, e_seg, e_cross, e_zip], api_name="explain")
     demo.queue(default_concurrency_limit=1)
     return demo

@@ -21,6 +21,8 @@ GENERATE_EXAMPLES = """examples:
   concept-attention generate "a red circle and a blue square on grass" --concepts red,blue,grass
   concept-attention generate "a dog by a tree" --concepts dog,tree,sky,background \\
       --model black-forest-labs/FLUX.1-schnell --steps 4 --size 1024x768 --layers 9-18
+  concept-attention generate "a dog running on a beach" --concepts dog,sand,sea,sky \
+      --model THUDM/CogVideoX-2b --frames 25
 """
 EXPLAIN_EXAMPLES = """examples:
   concept-attention explain photo.jpg --concepts dog,grass,sky
@@ -96,13 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--no-figure", action="store_true", help="skip figure.png (faster)")
 
     generate = commands.add_parser(
-        "generate", help="generate an image and its concept maps", epilog=GENERATE_EXAMPLES,
+        "generate", help="generate an image (or video) and its concept maps", epilog=GENERATE_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     generate.add_argument("prompt", help="the text prompt")
     common(generate)
     generate.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     generate.add_argument("--timesteps", default=None, help="steps whose maps are averaged, e.g. 0-3 (default: all)")
+    generate.add_argument("--frames", type=int, default=None,
+                          help="video models: frames to generate, 4k+1 for CogVideoX (default: the model's)")
 
     explain = commands.add_parser(
         "explain", help="concept maps for an existing image or video", epilog=EXPLAIN_EXAMPLES,
@@ -185,7 +189,7 @@ def run_generate(args: argparse.Namespace) -> int:
             progress.update(task, completed=done, total=total)
 
         maps = generate(pipe, args.prompt, concepts, steps=args.steps, seed=args.seed, size=size, layers=layers,
-                        timesteps=timesteps, space=args.space, on_step=on_step)
+                        timesteps=timesteps, space=args.space, on_step=on_step, num_frames=args.frames)
     maps.save(out, figure=not args.no_figure)
     _report(maps, out, started, console)
     print(out)

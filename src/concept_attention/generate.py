@@ -21,6 +21,7 @@ def generate(
     steps: int | None = None,
     seed: int = 0,
     size: tuple[int, int] | None = None,
+    num_frames: int | None = None,
     layers: Sequence[int] | None = None,
     timesteps: Sequence[int] | None = None,
     space: str = "output",
@@ -34,7 +35,8 @@ def generate(
     ``maps.save`` writes one heat-map video per concept.
 
     ``size`` is (width, height); ``steps`` defaults to the model's recommendation (or the
-    pipeline's own default). With ``compare`` the raw cross-attention maps of the same run are
+    pipeline's own default). ``num_frames`` (video models only) is the number of frames to generate,
+    a count the model accepts (CogVideoX: 4k+1); by default the pipeline's own. With ``compare`` the raw cross-attention maps of the same run are
     kept in ``maps.others["cross_attention"]``. ``on_step(done, total)`` reports progress.
     """
     if not isinstance(prompt, str):
@@ -50,9 +52,11 @@ def generate(
     if size is not None:
         width, height = size
         call["width"], call["height"] = int(width), int(height)
-        multiple = int(getattr(pipe, "vae_scale_factor", 8)) * 2
+        multiple = size_rule(pipe)[1]
         if call["width"] % multiple or call["height"] % multiple or min(call["width"], call["height"]) <= 0:
             raise ValueError(f"size {width}x{height} is not accepted: both sides must be positive multiples of {multiple}")
+    if num_frames is not None:
+        call["num_frames"] = checked_num_frames(pipe, num_frames)
     parameters = inspect.signature(type(pipe).__call__).parameters
     if "max_sequence_length" in defaults and "max_sequence_length" in parameters:
         call["max_sequence_length"] = int(defaults["max_sequence_length"])
@@ -97,3 +101,27 @@ def generate(
         }
     )
     return maps
+
+
+def checked_num_frames(pipe: Any, num_frames: Any) -> int:
+    """``num_frames`` if ``pipe`` is a video model that accepts that many frames, else a ValueError."""
+    from .adapters import resolve_adapter
+    from .video_explain import check_num_frames
+
+    transformer = getattr(pipe, "transformer", None)
+    if transformer is None or not resolve_adapter(transformer).video:
+        raise ValueError(f"num_frames is for video models; {type(pipe).__name__} makes images")
+    ratio, multiple, _ = resolve_adapter(transformer).frame_rule(pipe)
+    check_num_frames(num_frames, ratio, multiple)
+    return int(num_frames)
+
+
+def size_rule(pipe: Any) -> tuple[int, int]:
+    """(native shorter side, multiple every side must be) in pixels of ``pipe``'s images or video frames."""
+    from .adapters import resolve_adapter
+
+    try:
+        return resolve_adapter(pipe.transformer).image_size_rule(pipe)
+    except (NotImplementedError, TypeError, AttributeError):
+        scale = int(getattr(pipe, "vae_scale_factor", 8))
+        return int(getattr(pipe, "default_sample_size", 128)) * scale, scale * 2

@@ -48,6 +48,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 COGVIDEOX_15_SHORT_SIDE = 768
+COGVIDEOX_15_SIZE = (1360, 768)
 """CogVideoX 1.5 runs at 1360 × 768; its config's sample size (300 latents) is the extent of the RoPE table."""
 
 
@@ -219,6 +220,14 @@ class CogVideoXAdapter(ModelAdapter):
         if config.patch_size_t is not None:
             native = min(native, COGVIDEOX_15_SHORT_SIDE)
         return native, scale * int(config.patch_size)
+
+    def native_frame_size(self, pipeline: Any) -> tuple[int, int]:
+        """(width, height) in pixels the model was trained at: 720 × 480 (2B/5B), 1360 × 768 (1.5)."""
+        config, scale = self.transformer.config, int(pipeline.vae_scale_factor_spatial)
+        width, height = int(config.sample_width) * scale, int(config.sample_height) * scale
+        if config.patch_size_t is not None:  # 1.5: the sample size is the RoPE table's extent
+            width, height = min(width, COGVIDEOX_15_SIZE[0]), min(height, COGVIDEOX_15_SIZE[1])
+        return width, height
 
     def frame_rule(self, pipeline: Any) -> tuple[int, int, int]:
         """(VAE temporal ratio, multiple the latent frame count must be, native number of pixel frames)."""
