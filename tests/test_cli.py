@@ -104,3 +104,8 @@ def test_entry_point_help_and_models():
     models = subprocess.run([sys.executable, "-m", "concept_attention.cli", "models"], capture_output=True,
                             text=True, env=env)
     assert models.returncode == 0 and "FluxTransformer2DModel" in models.stdout
+    from concept_attention import __version__
+
+    version = subprocess.run([sys.executable, "-m", "concept_attention.cli", "--version"], capture_output=True,
+                             text=True, env=env)
+    assert version.returncode == 0 and version.stdout.strip() == f"concept-attention {__version__}"

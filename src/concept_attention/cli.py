@@ -31,6 +31,12 @@ EXPLAIN_EXAMPLES = """examples:
 """
 
 
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
 class UsageError(ValueError):
     """A command-line argument the user has to fix."""
 
@@ -79,9 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="concept-attention",
         description="Where does a diffusion transformer see each concept? ConceptAttention maps for "
-        "generated and real images. With no --model, the small embedded model is used.",
+        "generated and real images and videos. With no --model, the small embedded model is used.",
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def common(sub: argparse.ArgumentParser) -> None:
