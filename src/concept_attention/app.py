@@ -104,7 +104,11 @@ def enlarged(image: Image.Image, at_least: int = 256) -> Image.Image:
 
 
 def video_views(maps: ConceptMaps, workdir: Path) -> tuple:
-    """(video, heat-map videos, contact sheet, cross-attention heat-map videos, zip path) for the page."""
+    """(video, heat-map videos, contact sheet, cross-attention heat-map videos, zip path) for the page.
+
+    The page's videos are MP4 (browsers play them; needs the ``video`` extra), over the frames
+    enlarged like small images; the zip holds the result folder as ``maps.save`` writes it.
+    """
     from . import video
 
     frames = [enlarged(frame) for frame in maps.frames]
@@ -113,21 +117,20 @@ def video_views(maps: ConceptMaps, workdir: Path) -> tuple:
     shown.mkdir(exist_ok=True)
     clip = video.write_video(shown / "video.mp4", [np.asarray(frame) for frame in frames], fps=fps)
 
-    def heat_videos(which: ConceptMaps, suffix: str) -> list[tuple[str, str]]:
-        views = []
-        for index, concept in enumerate(which.concepts):
-            heat = video.heat_frames(which, concept, frames)
-            path = video.write_video(shown / f"{suffix}{index}.mp4", heat, fps=fps)
-            views.append((str(path), concept if not suffix else f"{concept} (cross-attention)"))
-        return views
+    def heat_videos(which: ConceptMaps, folder: str, caption: str) -> list[tuple[str, str]]:
+        (shown / folder).mkdir()
+        stems = {concept: str(index) for index, concept in enumerate(which.concepts)}
+        names = video.save_video_maps(which, shown / folder, stems, frames, fps=fps, video_format="mp4")
+        return [(str(shown / folder / names[concept]), caption.format(concept)) for concept in which.concepts]
 
+    overlays = heat_videos(maps, "maps", "{}")
     cross = maps.others.get("cross_attention")
-    sheet = video.contact_sheet(maps, maps.frames)
+    cross_overlays = heat_videos(cross, "cross", "{} (cross-attention)") if cross is not None else []
+    sheet = Image.open(shown / "maps" / "contact_sheet.png")
     folder = workdir / "concept-maps"
     maps.save(folder, figure=False)
     archive = shutil.make_archive(str(workdir / "concept-maps"), "zip", root_dir=folder)
-    return (str(clip), heat_videos(maps, ""), sheet,
-            heat_videos(cross, "cross") if cross is not None else [], archive)
+    return str(clip), overlays, sheet, cross_overlays, archive
 
 
 class ConceptApp:
