@@ -21,7 +21,7 @@ GENERATE_EXAMPLES = """examples:
   concept-attention generate "a red circle and a blue square on grass" --concepts red,blue,grass
   concept-attention generate "a dog by a tree" --concepts dog,tree,sky,background \\
       --model black-forest-labs/FLUX.1-schnell --steps 4 --size 1024x768 --layers 9-18
-  concept-attention generate "a dog running on a beach" --concepts dog,sand,sea,sky \
+  concept-attention generate "a dog running on a beach" --concepts dog,sand,sea,sky \\
       --model THUDM/CogVideoX-2b --frames 25
 """
 EXPLAIN_EXAMPLES = """examples:

@@ -36,8 +36,8 @@ def generate(
 
     ``size`` is (width, height); ``steps`` defaults to the model's recommendation (or the
     pipeline's own default). ``num_frames`` (video models only) is the number of frames to generate,
-    a count the model accepts (CogVideoX: 4k+1); by default the pipeline's own. With ``compare`` the raw cross-attention maps of the same run are
-    kept in ``maps.others["cross_attention"]``. ``on_step(done, total)`` reports progress.
+    a count the model accepts (CogVideoX: 4k+1); by default the pipeline's own. With ``compare`` the
+    raw cross-attention maps of the same run are kept in ``maps.others["cross_attention"]``. ``on_step(done, total)`` reports progress.
     """
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
