@@ -109,9 +109,10 @@ def checked_num_frames(pipe: Any, num_frames: Any) -> int:
     from .video_explain import check_num_frames
 
     transformer = getattr(pipe, "transformer", None)
-    if transformer is None or not resolve_adapter(transformer).video:
+    adapter = resolve_adapter(transformer) if transformer is not None else None
+    if adapter is None or not adapter.video:
         raise ValueError(f"num_frames is for video models; {type(pipe).__name__} makes images")
-    ratio, multiple, _ = resolve_adapter(transformer).frame_rule(pipe)
+    ratio, multiple, _ = adapter.frame_rule(pipe)
     check_num_frames(num_frames, ratio, multiple)
     return int(num_frames)
 
