@@ -15,6 +15,8 @@ mkdir -p "$out"
 
 # settings are chosen on validation scenes, reported on the held-out test scenes
 python benchmarks/scenes.py --split validation --scenes 100 --out "$out/validation"
+# default blocks: best mean ConceptAttention mIoU on validation, written to concept_attention.json
+python scripts/choose_default_block.py "$out/validation/scenes.json" --write | tee "$out/default_block.txt"
 python benchmarks/scenes.py --split test --scenes 200 --out "$out/test"
 python benchmarks/generated_shapes.py --seeds 2 --guidance 3 --out "$out/generated_shapes.json" \
     --sheet "$out/generated_shapes.png"
