@@ -12,6 +12,7 @@ are shown as a message in the page; the app keeps serving.
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 import threading
@@ -107,7 +108,8 @@ def video_views(maps: ConceptMaps, workdir: Path) -> tuple:
     """(video, heat-map videos, contact sheet, cross-attention heat-map videos, zip path) for the page.
 
     The page's videos are MP4 (browsers play them; needs the ``video`` extra), over the frames
-    enlarged like small images; the zip holds the result folder as ``maps.save`` writes it.
+    enlarged like small images; the zip holds the result folder as ``maps.save`` writes it. Frames
+    that need no enlarging are encoded once: the page shows the zip's own heat-map videos.
     """
     from . import video
 
@@ -115,21 +117,27 @@ def video_views(maps: ConceptMaps, workdir: Path) -> tuple:
     fps = float(maps.meta.get("fps") or 8.0)
     shown = workdir / "shown"
     shown.mkdir(exist_ok=True)
+    folder = workdir / "concept-maps"
+    maps.save(folder, figure=False, video_format="mp4")
+    archive = shutil.make_archive(str(workdir / "concept-maps"), "zip", root_dir=folder)
+    reuse = all(frame.size == original.size for frame, original in zip(frames, maps.frames))
     clip = video.write_video(shown / "video.mp4", [np.asarray(frame) for frame in frames], fps=fps)
 
-    def heat_videos(which: ConceptMaps, folder: str, caption: str) -> list[tuple[str, str]]:
-        (shown / folder).mkdir()
+    def heat_videos(which: ConceptMaps, name: str, caption: str) -> list[tuple[str, str]]:
+        (shown / name).mkdir()
         stems = {concept: str(index) for index, concept in enumerate(which.concepts)}
-        names = video.save_video_maps(which, shown / folder, stems, frames, fps=fps, video_format="mp4")
-        return [(str(shown / folder / names[concept]), caption.format(concept)) for concept in which.concepts]
+        names = video.save_video_maps(which, shown / name, stems, frames, fps=fps, video_format="mp4")
+        return [(str(shown / name / names[concept]), caption.format(concept)) for concept in which.concepts]
 
-    overlays = heat_videos(maps, "maps", "{}")
+    if reuse:
+        saved = json.loads((folder / "meta.json").read_text())["video_files"]
+        overlays = [(str(folder / saved[concept]), concept) for concept in maps.concepts]
+        sheet = Image.open(folder / saved["contact_sheet"])
+    else:
+        overlays = heat_videos(maps, "maps", "{}")
+        sheet = Image.open(shown / "maps" / "contact_sheet.png")
     cross = maps.others.get("cross_attention")
     cross_overlays = heat_videos(cross, "cross", "{} (cross-attention)") if cross is not None else []
-    sheet = Image.open(shown / "maps" / "contact_sheet.png")
-    folder = workdir / "concept-maps"
-    maps.save(folder, figure=False)
-    archive = shutil.make_archive(str(workdir / "concept-maps"), "zip", root_dir=folder)
     return str(clip), overlays, sheet, cross_overlays, archive
 
 

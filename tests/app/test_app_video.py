@@ -59,6 +59,16 @@ def test_generate_a_video_with_a_chosen_frame_count(app):
     check_views(views, CONCEPTS, 9, (160, 240))  # 16 x 24 frames, x10
 
 
+def test_frames_that_need_no_enlarging_are_encoded_once(app):
+    clip, gallery, sheet, cross, archive = app.run_generate("a dog", ["dog", "sky"], 0, 1, 256, 256, 5)
+    for path, _ in gallery:  # the page shows the zip's own heat-map videos
+        assert Path(path).parent.name == "concept-maps"
+        assert video.read_video(path).shape[1:3] == (256, 256)
+    assert all(Path(path).parent.name == "cross" for path, _ in cross)  # not in the zip: made for the page
+    assert not (Path(archive).parent / "shown" / "maps").exists()
+    assert sheet.width > sheet.height / 2
+
+
 def test_explain_an_uploaded_video(app, tmp_path):
     upload = write_clip(tmp_path / "clip.mp4")
     views = app.run_explain(str(upload), ["dog", "sky"], "", 0.5, 1, 0, 3, 0)  # 0: all that fit (9 of 11)
