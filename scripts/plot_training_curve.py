@@ -59,6 +59,17 @@ def markdown_table(points: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def change_steps(history: list[dict]) -> list[int]:
+    """Steps where recorded recipe changes take effect (a decay from its start, not from when it was set)."""
+    steps = set()
+    for change in history:
+        name, _, value = change["change"].partition("=")
+        if name == "decay_steps":
+            continue  # drawn with its decay_start
+        steps.add(int(float(value)) if name == "decay_start" and float(value) > 0 else int(change["step"]))
+    return sorted(steps)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ckpt-dir", default="checkpoints/embedded")
@@ -87,10 +98,10 @@ def main() -> None:
     ax_quality.axhline(0.25, color="grey", lw=0.8, ls=":", label="chance (identity)")
     ax_quality.set(xlabel="step", ylabel="fraction", ylim=(0, 1), title="ConceptAttention quality (held-out scenes)")
     for ax in (ax_loss, ax_quality):
-        for change in history:
-            ax.axvline(change["step"], color="orange", lw=0.8)
+        for step in change_steps(history):
+            ax.axvline(step, color="orange", lw=0.8)
     if history:
-        ax_loss.text(history[0]["step"], ax_loss.get_ylim()[1], " recipe changes", color="orange", va="top", fontsize=8)
+        ax_loss.text(change_steps(history)[0], ax_loss.get_ylim()[1], " recipe changes", color="orange", va="top", fontsize=8)
     hours = {int(r["step"]): float(r["wall_seconds"]) / 3600 for r in rows}
     top = ax_loss.secondary_xaxis("top", functions=(lambda s: s, lambda s: s))
     ticks = [s for s in range(0, max(steps) + 1, max(1, (max(steps) // 4 // 500) * 500 or 500))]

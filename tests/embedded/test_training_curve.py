@@ -22,3 +22,9 @@ def test_markdown_table_rows_with_and_without_optional_columns():
     assert header.count("|") == rule.count("|") == first.count("|") == second.count("|")
     assert first.startswith("| 10 | 0.01 |  | 0.30 / 0.40 (block 1)")
     assert "| 0.88 / 1.00 | 1.00 / 0.50 / 0.25 | 0.1200 |" in second
+
+
+def test_a_decay_is_marked_where_it_starts():
+    history = [{"step": 2067, "change": "zero_pooled"}, {"step": 7548, "change": "two_object_frac=0.6"},
+               {"step": 20148, "change": "decay_start=21000"}, {"step": 20148, "change": "decay_steps=5000"}]
+    assert load().change_steps(history) == [2067, 7548, 21000]
