@@ -97,11 +97,12 @@ def main() -> None:
         ax_quality.plot(*zip(*generated), "s-", color="tab:green", label="generated: right shape")
     ax_quality.axhline(0.25, color="grey", lw=0.8, ls=":", label="chance (identity)")
     ax_quality.set(xlabel="step", ylabel="fraction", ylim=(0, 1), title="ConceptAttention quality (held-out scenes)")
+    marks = change_steps(history)
     for ax in (ax_loss, ax_quality):
-        for step in change_steps(history):
+        for step in marks:
             ax.axvline(step, color="orange", lw=0.8)
-    if history:
-        ax_loss.text(change_steps(history)[0], ax_loss.get_ylim()[1], " recipe changes", color="orange", va="top", fontsize=8)
+    if marks:
+        ax_loss.text(marks[0], ax_loss.get_ylim()[1], " recipe changes", color="orange", va="top", fontsize=8)
     hours = {int(r["step"]): float(r["wall_seconds"]) / 3600 for r in rows}
     top = ax_loss.secondary_xaxis("top", functions=(lambda s: s, lambda s: s))
     ticks = [s for s in range(0, max(steps) + 1, max(1, (max(steps) // 4 // 500) * 500 or 500))]
