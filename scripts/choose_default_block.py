@@ -25,7 +25,7 @@ def candidate_scores(results: dict[str, dict[str, float]]) -> dict[str, float]:
     """Mean mIoU per candidate ("block N" or "all blocks") over every task and prompt it was scored on."""
     scores: dict[str, list[float]] = {}
     for key, row in results.items():
-        task, prompt, method = key.split("|", 2)
+        _task, prompt, method = key.split("|", 2)
         if prompt == "-":
             continue
         match = _BLOCK.match(method)
