@@ -1,8 +1,8 @@
 """Does a text-to-image pipeline draw the caption's shape (and colour)? One-object captions, optionally pairs.
 
 For every allowed (shape, colour, background) combination (4 x 4 x 3 minus EXCLUDED_PAIRS = 40
-captions "a {colour} {shape} on {background}") and ``--seeds`` seeds, one 64x64 image is generated
-and judged with :func:`concept_attention.scenes.shapes.classify_shape` (object mask by nearest
+captions "a {colour} {shape} on {background}") and ``--seeds`` seeds, one image is generated at the
+model's size (its ``concept_attention.json``), box-downsampled to 64x64, and judged with :func:`concept_attention.scenes.shapes.classify_shape` (object mask by nearest
 reference colour, then best template IoU). Reported: right-shape rate (overall, per shape),
 shape confusion matrix, fraction with no object found (counted as wrong), the right-colour
 rate (nearest object colour of the mask's mean RGB == the caption's colour; no object = wrong) and
@@ -10,8 +10,9 @@ the fraction of images with more than one object-coloured region (the largest on
 the mean template IoU (best shape, and the caption's shape): forced-choice labels of shapeless
 blobs are near chance, a low best IoU shows that.
 
-``--pairs N`` adds N two-object captions (one image each, seed = its index within its ``--batch`` chunk) "a {c1} {s1} and a {c2} {s2} on {background}" (different
-colours and shapes; the renderer lists objects left to right). Each colour is found with
+``--pairs N`` adds N two-object captions "a {c1} {s1} and a {c2} {s2} on {background}" (different
+colours and shapes), each in both word orders (2N images; seed = the image's index within its
+``--batch`` chunk). Each colour is found with
 :func:`~concept_attention.scenes.shapes.colour_mask`; reported: both colours drawn, the first
 colour left of the second (chance 0.5), each colour region's shape right (chance 0.25), and both
 shapes right ("bound": the words were tied to the right objects).
@@ -45,8 +46,7 @@ from concept_attention.scenes.render import BACKGROUNDS, COLOUR_RGB, COLOURS, EX
 from concept_attention.scenes.shapes import (MIN_AREA, classify_shape, colour_mask, object_mask, object_pixels,
                                              shape_scores)
 
-SIZE = 64
-MAX_SEQUENCE_LENGTH = 32
+JUDGE_SIZE = 64
 
 
 def combos() -> list[tuple[str, str, str]]:
@@ -63,6 +63,11 @@ def pair_captions(count: int, seed: int = 0) -> list[tuple[str, str, str, str, s
         raise ValueError(f"there are only {len(every)} different two-object captions, asked for {count}")
     order = np.random.default_rng(seed).permutation(len(every))[:count]
     return [every[i] for i in order]
+
+
+def both_orders(specs: list[tuple[str, str, str, str, str]]) -> list[tuple[str, str, str, str, str]]:
+    """Each (c1, s1, c2, s2, background) followed by the same objects named in the other order."""
+    return [order for c1, s1, c2, s2, b in specs for order in ((c1, s1, c2, s2, b), (c2, s2, c1, s1, b))]
 
 
 def judge_pair(image: np.ndarray, c1: str, s1: str, c2: str, s2: str, background: str) -> dict:
@@ -108,30 +113,39 @@ def count_regions(image: np.ndarray, background: str) -> int:
 
 
 def generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: float) -> np.ndarray:
-    """uint8 (N, 64, 64, 3) images, one per (prompt, seed) pair."""
-    call = dict(height=SIZE, width=SIZE, num_inference_steps=steps, guidance_scale=guidance,
-                max_sequence_length=MAX_SEQUENCE_LENGTH, output_type="np")
+    """uint8 (N, 64, 64, 3) images, one per (prompt, seed) pair: made at the model's size, judged at 64 px."""
+    from PIL import Image
+
+    from concept_attention.loading import pipeline_defaults
+
+    defaults = pipeline_defaults(pipe)
+    size = int(defaults.get("size", JUDGE_SIZE))
+    call = dict(height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
+                max_sequence_length=int(defaults.get("max_sequence_length", 32)), output_type="np")
     if guidance > 1 and not getattr(pipe.transformer.config, "guidance_embeds", False):
         call.update(true_cfg_scale=guidance, negative_prompt=[""] * len(prompts))
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
     images = pipe(prompt=prompts, generator=generators, **call).images
-    return (np.asarray(images) * 255).round().clip(0, 255).astype(np.uint8)
+    images = (np.asarray(images) * 255).round().clip(0, 255).astype(np.uint8)
+    if size == JUDGE_SIZE:
+        return images
+    return np.stack([np.asarray(Image.fromarray(img).resize((JUDGE_SIZE, JUDGE_SIZE), Image.BOX)) for img in images])
 
 
 def contact_sheet(records: list[dict], images: list[np.ndarray], path: Path, cols: int = 10, scale: int = 2) -> None:
     """PNG grid: each image (scaled up) with its caption and the predicted shape (green = right)."""
     from PIL import Image, ImageDraw
 
-    tile_w, tile_h = SIZE * scale, SIZE * scale + 24
+    tile_w, tile_h = JUDGE_SIZE * scale, JUDGE_SIZE * scale + 24
     rows = (len(images) + cols - 1) // cols
     sheet = Image.new("RGB", (cols * tile_w, rows * tile_h), "white")
     draw = ImageDraw.Draw(sheet)
     for i, (rec, img) in enumerate(zip(records, images)):
         x, y = (i % cols) * tile_w, (i // cols) * tile_h
-        sheet.paste(Image.fromarray(img).resize((SIZE * scale, SIZE * scale), Image.NEAREST), (x, y))
-        draw.text((x + 2, y + SIZE * scale), f"{rec['colour']} {rec['shape']} {rec['background']}", fill="black")
+        sheet.paste(Image.fromarray(img).resize((JUDGE_SIZE * scale, JUDGE_SIZE * scale), Image.NEAREST), (x, y))
+        draw.text((x + 2, y + JUDGE_SIZE * scale), f"{rec['colour']} {rec['shape']} {rec['background']}", fill="black")
         right = rec["predicted"] == rec["shape"]
-        draw.text((x + 2, y + SIZE * scale + 11), f"-> {rec['predicted']} / {rec['predicted_colour']}",
+        draw.text((x + 2, y + JUDGE_SIZE * scale + 11), f"-> {rec['predicted']} / {rec['predicted_colour']}",
                   fill=(0, 140, 0) if right else (200, 0, 0))
     path.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(path)
@@ -195,7 +209,7 @@ def main() -> None:
             images.append(img)
     summary = summarise(records)
     pairs = []
-    specs = pair_captions(args.pairs)
+    specs = both_orders(pair_captions(args.pairs))
     for i in range(0, len(specs), args.batch):
         chunk = specs[i: i + args.batch]
         prompts = [f"a {c1} {s1} and a {c2} {s2} on {b}" for c1, s1, c2, s2, b in chunk]
@@ -203,6 +217,8 @@ def main() -> None:
         pairs += [{"prompt": p, **judge_pair(img, *spec)} for p, spec, img in zip(prompts, chunk, batch)]
     if pairs:
         summary["pairs"] = summarise_pairs(pairs)
+        summary["pairs_by_order"] = {name: summarise_pairs(pairs[start::2]) for start, name in
+                                     ((0, "as sampled"), (1, "reversed"))}
     summary.update(model=args.model or "embedded", seeds=args.seeds, steps=args.steps, guidance=args.guidance,
                    seconds=round(time.time() - start, 1))
 
@@ -223,6 +239,8 @@ def main() -> None:
         print(f"two-object captions ({ps['n_images']}): both colours {ps['both_colours']:.3f}  first colour left "
               f"{ps['order_right_of_both']:.3f} (chance 0.5)  shape right per object "
               f"{ps['shape_right_of_present']:.3f}  both shapes right {ps['bound']:.3f}")
+        print("  both shapes right by word order: " + "  ".join(
+            f"{name} {value['bound']:.3f}" for name, value in summary["pairs_by_order"].items()))
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

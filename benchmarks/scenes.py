@@ -303,6 +303,7 @@ def main() -> None:
     blocks = list(range(num_blocks))
     default_blocks = pipe_default_layers(pipe, num_blocks)
     length = prompt_length(pipe)
+    scene_size = native_scene_size(pipe)
     tasks = {"colour": (list(COLOURS), "colour"), "shape": (list(SHAPES), "shape")}
     prompts = [p.strip() for p in args.prompts.split(",") if p.strip()]
     methods: dict[tuple[str, str, str], TaskScores] = {}
@@ -315,7 +316,7 @@ def main() -> None:
         return methods[key]
 
     for index in range(args.scenes):
-        scene = render_scene((HELD_OUT_SEED if args.split == "test" else VALIDATION_SEED) + index)
+        scene = render_scene((HELD_OUT_SEED if args.split == "test" else VALIDATION_SEED) + index, scene_size)
         size = scene.background_mask.shape
         for task, (words, kind) in tasks.items():
             concepts = words + list(BACKGROUNDS)
@@ -363,6 +364,14 @@ def main() -> None:
     (out / "scenes.md").write_text(table)
     print(table)
     print(f"total {time.perf_counter() - started:.0f} s; wrote {out}/scenes.json and scenes.md")
+
+
+def native_scene_size(pipe) -> int:
+    """Scenes are rendered at the model's own size (its ``concept_attention.json``; 64 px if it has none):
+    the same scenes at every size, drawn sharper, with masks at that size."""
+    from concept_attention.loading import pipeline_defaults
+
+    return int(pipeline_defaults(pipe).get("size", 64))
 
 
 def pipe_default_layers(pipe, num_blocks: int) -> list[int]:

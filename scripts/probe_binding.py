@@ -5,7 +5,7 @@ On held-out two-object scenes (different colours), captioned, noised at each ``-
 forward pass per level; per dual-stream block, from the head-averaged joint attention
 probabilities:
 
-* ``image->text mass``: attention image tokens give to all text tokens (uniform would be 32/288);
+* ``image->text mass``: attention image tokens give to all text tokens (uniform: text tokens / all tokens);
 * ``i2t``: inside object A, attention to A's colour word minus to B's colour word (and the reverse
   inside B), averaged; 0 = no binding;
 * ``t2i``: A's colour word's attention per image token inside A minus inside B (and the reverse),
@@ -59,7 +59,7 @@ def main() -> None:
     ap.add_argument("--levels", default="0.5,0.9,0.98")
     args = ap.parse_args()
 
-    from train_embedded import MAX_SEQUENCE_LENGTH, latents_and_ids, load_ema_pipeline
+    from train_embedded import DEFAULT_SIZE, MAX_SEQUENCE_LENGTH, latents_and_ids, load_ema_pipeline
 
     from concept_attention.evaluation.scenes import HELD_OUT_SEED
     from concept_attention.scenes.render import render_scene
@@ -68,7 +68,7 @@ def main() -> None:
     pipe = load_ema_pipeline(args.ckpt)
     scenes, seed = [], HELD_OUT_SEED
     while len(scenes) < args.scenes:
-        scene = render_scene(seed)
+        scene = render_scene(seed, DEFAULT_SIZE)
         seed += 1
         if len(scene.objects) == 2 and scene.objects[0].colour != scene.objects[1].colour:
             scenes.append(scene)

@@ -2,11 +2,11 @@
 """Append one point of the embedded model's training curve: loss and concept-map quality at a checkpoint.
 
 Exports the checkpoint's EMA weights to a temporary pipeline, runs ``benchmarks/scenes.py`` on
-``--scenes`` held-out scenes (both tasks, caption and empty prompt) and, with ``--generated``,
+``--scenes`` validation scenes (both tasks, empty prompt) and, with ``--generated``,
 ``benchmarks/generated_shapes.py`` (one-object captions and ``--pairs`` two-object captions); then
 appends a JSON line to ``--curve`` with the step, the training wall time, the mean loss of the last
-200 steps, the caption reliance (loss with the empty caption minus with the true one), the concept
-queries' selectivity per block and, per task, the ConceptAttention scores of the default blocks
+200 steps and the binding head's accuracy, the caption reliance (loss with the empty caption minus
+with the true one), the concept queries' selectivity per block and, per task, the ConceptAttention scores of the default blocks
 and of the best single block.
 
   python scripts/track_embedded.py --ckpt checkpoints/embedded/last.pt --scenes 40 --generated
@@ -28,52 +28,80 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def recent_loss(loss_csv: Path, step: int, window: int = 200) -> float | None:
+def recent_loss(loss_csv: Path, step: int, window: int = 200, column: str = "loss") -> float | None:
+    """Mean of ``column`` over the ``window`` steps up to ``step`` (nan rows skipped)."""
     if not loss_csv.is_file():
         return None
     with open(loss_csv) as f:
-        values = [float(r["loss"]) for r in csv.DictReader(f) if step - window < int(r["step"]) <= step]
-    return sum(values) / len(values) if values else None
+        values = [float(r[column]) for r in csv.DictReader(f) if step - window < int(r["step"]) <= step]
+    values = [v for v in values if v == v]
+    return round(sum(values) / len(values), 5) if values else None
+
+
+def write_defaults(model_dir: Path) -> dict:
+    """The packaged ``concept_attention.json`` with this build's size, T5 length and every dual block."""
+    from concept_attention.embedded import DEFAULT_SIZE, MAX_SEQUENCE_LENGTH
+
+    packaged = ROOT / "src" / "concept_attention" / "models" / "embedded" / "concept_attention.json"
+    config = json.loads((model_dir / "transformer" / "config.json").read_text())
+    defaults = {**json.loads(packaged.read_text()), "size": DEFAULT_SIZE, "max_sequence_length": MAX_SEQUENCE_LENGTH,
+                "layers": list(range(config["num_layers"]))}
+    (model_dir / "concept_attention.json").write_text(json.dumps(defaults, indent=2))
+    return defaults
 
 
 def caption_reliance(pipe, levels=(0.9, 0.95, 0.98), count: int = 48) -> dict[str, float]:
-    """Flow loss with the empty caption minus with the true caption on ``count`` training-style scenes.
+    """Flow loss with the empty caption minus with the full caption on ``count`` training scenes.
 
     Zero means the model ignores the caption at that noise level; the larger, the more it uses it.
-    """
-    import torch
-
-    from train_embedded import flow_loss, make_batch
-
-    images, captions = make_batch(12345, 0, count, caption_mode="full")
-    out = {}
-    with torch.no_grad():
-        for level in levels:
-            losses = [float(flow_loss(pipe, images, prompts, generator=torch.Generator().manual_seed(0),
-                                      sigma=torch.full((count,), level)))
-                      for prompts in (captions, [""] * count)]
-            out[f"t={level}"] = round(losses[1] - losses[0], 5)
-    return out
-
-
-def query_selectivity(pipe, count: int = 20, timestep: float = 0.9) -> dict[str, float]:
-    """Do concept queries pick out their own object? Per block, over ``count`` held-out scenes.
-
-    For each object: (mean inside − mean outside the object of its own word's query·key logit) minus
-    the same for the other words of its kind, averaged over objects. 0 = no selectivity.
     """
     import numpy as np
     import torch
 
+    from train_embedded import BindingHeads, TextStates, training_losses
+    from concept_attention.scenes.training import full_caption, render_training_scene
+
+    from concept_attention.embedded import DEFAULT_SIZE
+
+    rng = np.random.default_rng(12345)
+    scenes = [render_training_scene(1_000_000_000 + i, DEFAULT_SIZE) for i in range(count)]
+    images = torch.from_numpy(np.stack([s.image for s in scenes]))
+    captions = [full_caption(s, rng) for s in scenes]
+    heads, states = BindingHeads(len(pipe.transformer.transformer_blocks), pipe.transformer.inner_dim), TextStates(pipe.transformer)
+    out = {}
+    try:
+        with torch.no_grad():
+            for level in levels:
+                losses = [float(training_losses(pipe, heads, states, images, prompts, [()] * count, {},
+                                                generator=torch.Generator().manual_seed(0),
+                                                sigma=torch.full((count,), level))[0])
+                          for prompts in (captions, [""] * count)]
+                out[f"t={level}"] = round(losses[1] - losses[0], 5)
+    finally:
+        states.remove()
+    return out
+
+
+def query_selectivity(pipe, count: int = 20, timestep: float = 0.5) -> dict[str, dict[str, float]]:
+    """Do concept queries pick out their own object? Per block, over ``count`` validation scenes.
+
+    For each object: (mean inside − mean outside the object of its own word's query·key logit) minus
+    the same for the other words of its kind, averaged over the scene's objects and both kinds.
+    ``mean`` over scenes (0 = no selectivity) and ``positive``: the share of scenes above 0.
+    """
+    import numpy as np
+
     from concept_attention import explain
-    from concept_attention.evaluation.scenes import HELD_OUT_SEED
+    from concept_attention.embedded import DEFAULT_SIZE
+    from concept_attention.evaluation.scenes import VALIDATION_SEED
     from concept_attention.scenes.render import BACKGROUNDS, COLOURS, SHAPES, render_scene
     from concept_attention.viz import upsample
 
     blocks = list(range(len(pipe.transformer.transformer_blocks)))
-    totals = {b: [] for b in blocks}
+    per_scene = {b: [] for b in blocks}
     for index in range(count):
-        scene = render_scene(HELD_OUT_SEED + index)
+        scene = render_scene(VALIDATION_SEED + index, DEFAULT_SIZE)
+        contrasts = {b: [] for b in blocks}
         for words, kind in ((list(COLOURS), "colour"), (list(SHAPES), "shape")):
             maps = explain(pipe, scene.image, words + list(BACKGROUNDS), timestep=timestep, num_samples=1,
                            seed=index, layers=blocks, space="cross_attention", softmax=False)
@@ -83,8 +111,11 @@ def query_selectivity(pipe, count: int = 20, timestep: float = 0.9) -> dict[str,
                     contrast = logits[:, obj.mask].mean(axis=1) - logits[:, ~obj.mask].mean(axis=1)
                     own = words.index(getattr(obj, kind))
                     others = [contrast[i] for i in range(len(words)) if i != own]
-                    totals[block].append(float(contrast[own] - np.mean(others)))
-    return {f"block {b}": round(float(np.mean(v)), 4) for b, v in totals.items()}
+                    contrasts[block].append(float(contrast[own] - np.mean(others)))
+        for block in blocks:
+            per_scene[block].append(float(np.mean(contrasts[block])))
+    return {f"block {b}": {"mean": round(float(np.mean(v)), 4), "positive": round(float(np.mean(np.array(v) > 0)), 3)}
+            for b, v in per_scene.items()}
 
 
 def summarise(results: dict, task: str, prompt: str) -> dict:
@@ -114,23 +145,23 @@ def main() -> None:
 
     from export_embedded import export
 
+    loss_csv = Path(args.loss_csv or Path(args.ckpt).parent / "loss.csv")
     ckpt = torch.load(args.ckpt, map_location="cpu", weights_only=False)
     step, wall = int(ckpt["step"]), float(ckpt["wall_seconds"])
     del ckpt
     work = Path(tempfile.mkdtemp(prefix="track-embedded-"))
     model_dir = Path(args.keep) if args.keep else work / "model"
     export(args.ckpt, str(model_dir))
-    defaults = ROOT / "src" / "concept_attention" / "models" / "embedded" / "concept_attention.json"
-    shutil.copy(defaults, model_dir / "concept_attention.json")
+    defaults = write_defaults(model_dir)
 
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "scenes.py"), "--model", str(model_dir),
-                    "--scenes", str(args.scenes), "--timestep", str(args.timestep), "--out", str(work / "scenes")], check=True, env=env,
-                   stdout=subprocess.DEVNULL)
+                    "--scenes", str(args.scenes), "--timestep", str(args.timestep), "--out", str(work / "scenes"),
+                    "--split", "validation", "--prompts", "empty"], check=True, env=env, stdout=subprocess.DEVNULL)
     results = json.loads((work / "scenes" / "scenes.json").read_text())["results"]
     point = {"step": step, "hours": round(wall / 3600, 3),
-             "loss": recent_loss(Path(args.loss_csv or Path(args.ckpt).parent / "loss.csv"), step), "scenes": args.scenes,
-             "timestep": args.timestep}
+             "loss": recent_loss(loss_csv, step), "binding_acc": recent_loss(loss_csv, step, column="binding_acc"),
+             "scenes": args.scenes, "split": "validation", "timestep": args.timestep}
     from concept_attention import load_pipeline
 
     pipe = load_pipeline(model_dir)
@@ -138,10 +169,9 @@ def main() -> None:
     point["query_selectivity"] = query_selectivity(pipe)
     del pipe
     for task in ("colour", "shape"):
-        for prompt in ("empty", "caption"):
-            point[f"{task}|{prompt}"] = summarise(results, task, prompt)
+        point[f"{task}|empty"] = summarise(results, task, "empty")
     if args.generated:
-        guidance = float(json.loads(defaults.read_text()).get("true_cfg_scale", 1.0))  # the model's default
+        guidance = float(defaults.get("true_cfg_scale", 1.0))  # the model's default
         out = work / "generated.json"
         subprocess.run([sys.executable, str(ROOT / "benchmarks" / "generated_shapes.py"), "--model",
                         str(model_dir), "--out", str(out), "--guidance", str(guidance), "--pairs", str(args.pairs)], check=True, env=env, stdout=subprocess.DEVNULL)

@@ -1,21 +1,27 @@
 #!/usr/bin/env python
-"""Train the embedded default model (tiny FLUX.1 pipeline) on rendered scenes, resumably.
+"""Train the embedded model (v2, a small FLUX.1 pipeline) on rendered scenes, resumably.
 
-Rectified flow exactly as ``diffusers.FluxPipeline`` samples:
-  latents x0 = (vae.encode(img).latent_dist.mean - shift_factor) * scaling_factor  (frozen VAE),
-  packed with ``FluxPipeline._pack_latents``; img ids ``FluxPipeline._prepare_latent_image_ids``;
-  text through ``FluxPipeline.encode_prompt`` (CLIP pooled + T5 padded to max_sequence_length=32,
-  text ids zeros); sigma ~ logit-normal(0, 1); x_t = (1 - sigma) x0 + sigma eps;
-  the transformer gets ``timestep=sigma`` and regresses eps - x0 (MSE).
-The transformer and both text encoders are trained jointly (AdamW, warm-up, grad clip, EMA).
+Denoising exactly as ``diffusers.FluxPipeline`` samples (rectified flow):
+  latents x0 = (vae.encode(img).latent_dist.mean - shift_factor) * scaling_factor (frozen VAE),
+  packed with ``FluxPipeline._pack_latents``; image ids from ``FluxPipeline._prepare_latent_image_ids``;
+  text through ``FluxPipeline.encode_prompt`` (T5 padded to 16 tokens, text ids zeros);
+  x_t = (1 - sigma) x0 + sigma eps; the transformer gets ``timestep=sigma`` and regresses eps - x0.
+Only the transformer trains. The T5 encoder is frozen at its seeded weights with a hand-set local
+position bias (``concept_attention.embedded.set_local_position_bias``); the pooled CLIP path is
+switched off (zero), so the prompt reaches the image only through T5 tokens in attention.
 
-Data: scenes are rendered on the fly; batch ``k`` is a pure function of (seed, k), so resuming
-reproduces the data stream. ``--resume`` restores model, EMA, optimiser, step, RNG and loss log
-from ``<ckpt-dir>/last.pt``. A checkpoint is written every ``--save-minutes`` (atomic), at the end,
-and on SIGTERM/SIGINT.
+Beyond denoising, a **binding objective** (``--binding-weight``, 0 = off): on captions that name only
+colours ("a red object and a blue object on grass") or only shapes, a linear head per dual block
+reads each named word's text state after that block and predicts its object's shape (or colour).
+The word can only answer by finding its own object in the image. The heads are dropped at export;
+no attention map is ever a target. Data and captions: ``concept_attention.scenes.training``.
 
-Example (background, resumable):
-  GOMP_SPINCOUNT=0 OMP_WAIT_POLICY=PASSIVE nohup nice -n 10 python scripts/train_embedded.py --resume \
+Batch ``k`` is a pure function of (seed, k), so resuming reproduces the data stream. The checkpoint
+(``<ckpt-dir>/last.pt``, written every ``--save-minutes``, at the end and on SIGTERM/SIGINT) is
+compact: fp16 EMA weights, the heads, and 8-bit Adam moments; a resume continues from the EMA
+weights.
+
+  GOMP_SPINCOUNT=0 OMP_WAIT_POLICY=PASSIVE nohup python scripts/train_embedded.py --resume --compile \\
       >> checkpoints/embedded/train.log 2>&1 &
 """
 from __future__ import annotations
@@ -23,7 +29,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import os
 import signal
 import sys
@@ -34,94 +39,137 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from concept_attention.embedded import MAX_SEQUENCE_LENGTH, build_pipeline
-from concept_attention.evaluation.scenes import HELD_OUT_SEED, VALIDATION_SEED
-from concept_attention.scenes import render_scene, training_caption
+from concept_attention.embedded import DEFAULT_SIZE, MAX_SEQUENCE_LENGTH, build_pipeline
+from concept_attention.scenes.training import TARGET_CLASSES, render_training_scene, sample_caption
 
-HELDOUT_SEED_BASE = 1_000_000_000  # training scene seeds are < this
-TRAINABLE = ("transformer", "text_encoder", "text_encoder_2")
-RECIPE_DEFAULTS = {"t_logit_mean": 0.0, "t_high_frac": 0.0, "t_high_mean": 3.0, "two_object_frac": 0.0,
-                   "decay_start": 0, "decay_steps": 0, "lr_final": 1e-4}
-#: seeds of the held-out scenes of benchmarks/scenes.py (test and validation splits); never drawn as extra seeds
-HELDOUT_RANGES = tuple((first, first + 1_000_000) for first in (HELD_OUT_SEED, VALIDATION_SEED))
+CHECKPOINT_FORMAT = "embedded-flux-v2"
+#: recipe values recorded in the checkpoint; given on the command line > checkpoint > these defaults
+RECIPE_DEFAULTS = {"binding_weight": 1.0, "binding_t_max": 0.8, "t_high_frac": 0.5, "t_high_mean": 3.0,
+                   "tied": 0.0, "decay_start": 0, "decay_steps": 0, "lr_final": 1e-4}
+QUANT_BLOCK = 256
 
 
 # --------------------------------------------------------------------------- data
-def binding_scene(scene) -> bool:
-    """Two objects that differ in colour and in shape: a caption can only be drawn right by binding words to objects."""
-    return (len(scene.objects) == 2 and scene.objects[0].colour != scene.objects[1].colour
-            and scene.objects[0].shape != scene.objects[1].shape)
-
-
-def _extra_seed(rng) -> int:
-    while True:
-        s = int(rng.integers(0, HELDOUT_SEED_BASE))
-        if not any(lo <= s < hi for lo, hi in HELDOUT_RANGES):
-            return s
-
-
-def make_batch(seed: int, step: int, batch_size: int, caption_mode: str = "train", two_object_frac: float = 0.0):
-    """Batch number ``step``: (uint8 images (B,H,W,3) as a tensor, list of captions). Deterministic.
-
-    With ``two_object_frac`` > 0, that fraction of the scenes (on average) is redrawn until it is a
-    :func:`binding_scene`; with 0 the batch is exactly the original stream's.
-    """
+def make_batch(seed: int, step: int, batch_size: int, size: int = DEFAULT_SIZE):
+    """Batch number ``step``: uint8 images (B, H, W, 3), captions, binding targets per caption. Deterministic."""
     rng = np.random.default_rng([seed, step, 0xDA7A])
-    seeds = rng.integers(0, HELDOUT_SEED_BASE, batch_size)
-    extra = np.random.default_rng([seed, step, 0xB1D2]) if two_object_frac > 0 else None
-    images, captions = [], []
-    for s in seeds:
-        sc = render_scene(int(s))
-        if extra is not None and extra.random() < two_object_frac:
-            while not binding_scene(sc):
-                sc = render_scene(_extra_seed(extra))
-        images.append(sc.image)
-        captions.append(training_caption(sc, rng) if caption_mode == "train" else sc.caption)
-    return torch.from_numpy(np.stack(images)), captions
+    images, captions, targets = [], [], []
+    for scene_seed in rng.integers(0, 1_000_000_000, batch_size):
+        scene = render_training_scene(int(scene_seed), size)
+        caption = sample_caption(scene, rng)
+        images.append(scene.image)
+        captions.append(caption.text)
+        targets.append(caption.targets)
+    return torch.from_numpy(np.stack(images)), captions, targets
 
 
 class BatchStream(torch.utils.data.IterableDataset):
-    def __init__(self, seed, start_step, batch_size, two_object_frac=0.0):
+    def __init__(self, seed: int, start_step: int, batch_size: int) -> None:
         self.seed, self.start_step, self.batch_size = seed, start_step, batch_size
-        self.two_object_frac = two_object_frac
 
     def __iter__(self):
         torch.set_num_threads(1)
-        k = self.start_step
+        step = self.start_step
         while True:
-            yield make_batch(self.seed, k, self.batch_size, two_object_frac=self.two_object_frac)
-            k += 1
+            yield make_batch(self.seed, step, self.batch_size)
+            step += 1
 
 
-def batch_iter(args, start_step):
+def batch_iter(args, start_step: int):
     if args.workers <= 0:
-        k = start_step
+        step = start_step
         while True:
-            yield make_batch(args.seed, k, args.batch_size, two_object_frac=args.two_object_frac)
-            k += 1
-    else:
-        dl = torch.utils.data.DataLoader(BatchStream(args.seed, start_step, args.batch_size, args.two_object_frac), batch_size=None,
-                                         num_workers=1, prefetch_factor=4, persistent_workers=False)
-        yield from dl
+            yield make_batch(args.seed, step, args.batch_size)
+            step += 1
+    loader = torch.utils.data.DataLoader(BatchStream(args.seed, start_step, args.batch_size), batch_size=None,
+                                         num_workers=1, prefetch_factor=4)
+    yield from loader
 
 
 # --------------------------------------------------------------------------- model
-def load_models(vae_dir: str, seed: int):
+def load_models(vae_dir: str, seed: int, tied: bool = False):
+    """The training pipeline: trained VAE, frozen T5 and CLIP, pooled path zero; optionally tied text projections."""
     from diffusers import AutoencoderKL
 
-    vae = AutoencoderKL.from_pretrained(vae_dir)
-    pipe = build_pipeline(seed=seed, vae=vae)
-    pipe.vae.requires_grad_(False).eval()
+    pipe = build_pipeline(seed=seed, vae=AutoencoderKL.from_pretrained(vae_dir))
+    for name in ("vae", "text_encoder", "text_encoder_2"):
+        getattr(pipe, name).requires_grad_(False).eval()
+    layer = pooled_layer(pipe)
+    with torch.no_grad():
+        layer.weight.zero_()
+        layer.bias.zero_()
+    layer.requires_grad_(False)
+    if tied:
+        tie_text_projections(pipe.transformer)
     return pipe
 
 
-def trainable_params(pipe):
-    return [p for name in TRAINABLE for p in getattr(pipe, name).parameters()]
+def pooled_layer(pipe):
+    """The first linear layer of the transformer's pooled-text projection (kept at zero)."""
+    return pipe.transformer.time_text_embed.text_embedder.linear_1
 
 
-def model_state(pipe):
-    return {name: {k: v.detach().clone() for k, v in getattr(pipe, name).state_dict().items()} for name in TRAINABLE}
+def tie_text_projections(transformer) -> None:
+    """The text stream of every dual block uses the image stream's q/k/v projections and qk-norms (shared)."""
+    for block in transformer.transformer_blocks:
+        attn = block.attn
+        for image, text in (("to_q", "add_q_proj"), ("to_k", "add_k_proj"), ("to_v", "add_v_proj")):
+            getattr(attn, text).weight = getattr(attn, image).weight
+            getattr(attn, text).bias = getattr(attn, image).bias
+        attn.norm_added_q.weight = attn.norm_q.weight
+        attn.norm_added_k.weight = attn.norm_k.weight
+
+
+def untie(module: torch.nn.Module) -> None:
+    """Give every parameter that is shared between submodules its own copy (for saving)."""
+    seen: set[int] = set()
+    for sub in module.modules():
+        for name, param in list(sub.named_parameters(recurse=False)):
+            if id(param) in seen:
+                setattr(sub, name, torch.nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad))
+            seen.add(id(param))
+
+
+class BindingHeads(torch.nn.Module):
+    """One linear head per dual block: a word's text state -> its object's shape or colour (4 + 4 logits)."""
+
+    def __init__(self, num_blocks: int, dim: int, classes: int = 4) -> None:
+        super().__init__()
+        self.classes = classes
+        self.linears = torch.nn.ModuleList(torch.nn.Linear(dim, 2 * classes) for _ in range(num_blocks))
+
+    def forward(self, states: list[torch.Tensor], targets) -> tuple[torch.Tensor, float]:
+        """Cross-entropy averaged over words and blocks, and the last block's accuracy (nan without targets)."""
+        rows = [(b, t.position, t.kind, t.label) for b, caption in enumerate(targets) for t in caption]
+        if not rows:
+            return states[0].new_zeros(()), float("nan")
+        batch, position, kind, label = (torch.tensor(column) for column in zip(*rows))
+        losses, accuracy = [], float("nan")
+        for linear, state in zip(self.linears, states):
+            logits = linear(state[batch, position]).view(-1, 2, self.classes)[torch.arange(len(rows)), kind]
+            losses.append(F.cross_entropy(logits, label))
+            accuracy = float((logits.argmax(-1) == label).float().mean())
+        return torch.stack(losses).mean(), accuracy
+
+
+class TextStates:
+    """Forward hooks that keep the text stream's output of each dual block (for the binding heads)."""
+
+    def __init__(self, transformer) -> None:
+        self.states: list[torch.Tensor | None] = [None] * len(transformer.transformer_blocks)
+        self.handles = [block.register_forward_hook(self._keep(i))
+                        for i, block in enumerate(transformer.transformer_blocks)]
+
+    def _keep(self, index: int):
+        def hook(module, args, output):
+            self.states[index] = output[0]  # FluxTransformerBlock returns (text, image)
+        return hook
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
 
 
 def latents_and_ids(pipe, images_u8):
@@ -138,93 +186,125 @@ def latents_and_ids(pipe, images_u8):
     return packed, img_ids
 
 
-def sample_noise_levels(b: int, generator=None, t_logit_mean: float = 0.0, t_high_frac: float = 0.0,
-                        t_high_mean: float = 3.0) -> torch.Tensor:
-    """Noise levels: logit-normal(t_logit_mean, 1); a fraction ``t_high_frac`` from logit-normal(t_high_mean, 1)."""
+def sample_noise_levels(targets, generator=None, t_high_frac: float = 0.5, t_high_mean: float = 3.0,
+                        binding_t_max: float = 0.8) -> torch.Tensor:
+    """Per sample: logit-normal(0, 1), a fraction ``t_high_frac`` logit-normal(t_high_mean, 1) (the caption
+    decides the image only at high noise); captions with binding targets: uniform(0, binding_t_max),
+    where the objects are visible."""
+    b = len(targets)
     z = torch.randn(b, generator=generator)
     high = torch.rand(b, generator=generator) < t_high_frac
-    return torch.sigmoid(z + torch.where(high, t_high_mean, t_logit_mean))
+    sigma = torch.sigmoid(z + torch.where(high, t_high_mean, 0.0))
+    low = torch.rand(b, generator=generator) * binding_t_max
+    has_targets = torch.tensor([len(t) > 0 for t in targets])
+    return torch.where(has_targets, low, sigma)
 
 
-def flow_loss(pipe, images_u8, captions, generator=None, t_logit_mean: float = 0.0, t_high_frac: float = 0.0,
-              t_high_mean: float = 3.0, sigma: torch.Tensor | None = None):
+def training_losses(pipe, heads, states, images_u8, captions, targets, recipe, generator=None, sigma=None):
+    """(flow loss, binding loss, binding accuracy of the last block) for one batch."""
     x0, img_ids = latents_and_ids(pipe, images_u8)
-    prompt_embeds, pooled, text_ids = pipe.encode_prompt(
-        prompt=captions, prompt_2=captions, device=x0.device, num_images_per_prompt=1,
-        max_sequence_length=MAX_SEQUENCE_LENGTH)
-    b = x0.shape[0]
+    with torch.no_grad():
+        prompt_embeds, pooled, text_ids = pipe.encode_prompt(
+            prompt=captions, prompt_2=captions, device=x0.device, num_images_per_prompt=1,
+            max_sequence_length=MAX_SEQUENCE_LENGTH)
     if sigma is None:
-        sigma = sample_noise_levels(b, generator, t_logit_mean, t_high_frac, t_high_mean)
+        sigma = sample_noise_levels(targets, generator, recipe["t_high_frac"], recipe["t_high_mean"],
+                                    recipe["binding_t_max"])
     eps = torch.randn(x0.shape, generator=generator)
     s = sigma[:, None, None]
-    xt = (1 - s) * x0 + s * eps
-    pred = pipe.transformer(hidden_states=xt, timestep=sigma, guidance=None, pooled_projections=pooled,
-                            encoder_hidden_states=prompt_embeds, txt_ids=text_ids, img_ids=img_ids,
-                            return_dict=False)[0]
-    return torch.nn.functional.mse_loss(pred, eps - x0)
+    pred = pipe.transformer(hidden_states=(1 - s) * x0 + s * eps, timestep=sigma, guidance=None,
+                            pooled_projections=pooled, encoder_hidden_states=prompt_embeds, txt_ids=text_ids,
+                            img_ids=img_ids, return_dict=False)[0]
+    flow = F.mse_loss(pred, eps - x0)
+    binding, accuracy = heads(states.states, targets)
+    return flow, binding, accuracy
 
 
-# --------------------------------------------------------------------------- checkpoint
-def _compact_optimizer_state(opt):
+# --------------------------------------------------------------------------- compact checkpoint
+def quantize(tensor: torch.Tensor, unsigned: bool = False) -> dict:
+    """Blockwise absmax 8-bit code of ``tensor`` (signed int8, or uint8 for non-negative values)."""
+    flat = tensor.detach().float().flatten()
+    padded = F.pad(flat, (0, -flat.numel() % QUANT_BLOCK)).view(-1, QUANT_BLOCK)
+    levels = 255 if unsigned else 127
+    scale = padded.abs().amax(dim=1).clamp_min(1e-30) / levels
+    codes = torch.round(padded / scale[:, None])
+    codes = codes.to(torch.uint8) if unsigned else codes.to(torch.int8)
+    return {"codes": codes, "scale": scale, "shape": tuple(tensor.shape)}
+
+
+def dequantize(code: dict, floor_half_step: bool = False) -> torch.Tensor:
+    """Inverse of :func:`quantize`; ``floor_half_step`` reads code 0 as half a step (never exactly 0)."""
+    values = code["codes"].float()
+    if floor_half_step:
+        values = values.clamp_min(0.5)
+    flat = (values * code["scale"][:, None]).flatten()
+    return flat[: int(np.prod(code["shape"]))].view(code["shape"])
+
+
+def compact_optimizer_state(opt) -> dict:
+    """Adam moments in 8 bits: exp_avg signed, sqrt(exp_avg_sq) unsigned."""
     sd = opt.state_dict()
     state = {}
-    for k, st in sd["state"].items():
-        state[k] = {n: (v.to(torch.bfloat16) if torch.is_tensor(v) and v.dim() > 0 else v) for n, v in st.items()}
+    for key, st in sd["state"].items():
+        state[key] = {"step": st["step"], "exp_avg": quantize(st["exp_avg"]),
+                      "sqrt_exp_avg_sq": quantize(st["exp_avg_sq"].sqrt(), unsigned=True)}
     return {"state": state, "param_groups": sd["param_groups"]}
 
 
-def _restore_optimizer_state(opt, sd):
+def restore_optimizer_state(opt, compact: dict) -> None:
+    """Inverse of :func:`compact_optimizer_state`; a second moment that rounded to 0 comes back as a small
+    positive value (an update is then smaller, never larger, than before the round trip)."""
     state = {}
-    for k, st in sd["state"].items():
-        state[k] = {n: (v.float() if torch.is_tensor(v) and v.dim() > 0 else v) for n, v in st.items()}
-    opt.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
+    for key, st in compact["state"].items():
+        state[key] = {"step": st["step"], "exp_avg": dequantize(st["exp_avg"]),
+                      "exp_avg_sq": dequantize(st["sqrt_exp_avg_sq"], floor_half_step=True) ** 2}
+    opt.load_state_dict({"state": state, "param_groups": compact["param_groups"]})
 
 
-def save_checkpoint(path: Path, pipe, ema_params, opt, step, wall, args, extra=None):
-    params = trainable_params(pipe)
+def trained_parameters(transformer) -> dict[str, torch.nn.Parameter]:
+    """The transformer's trained parameters by name (a parameter shared by tying appears once)."""
+    return {name: p for name, p in transformer.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(path: Path, pipe, heads, ema: dict, opt, step: int, wall: float, args) -> None:
     ckpt = {
-        "format": "embedded-flux-v1",
-        "step": step,
-        "wall_seconds": wall,
-        "args": vars(args),
-        "seed": args.seed,
-        "model": model_state(pipe),
-        # EMA stored as fp16 difference to the fp32 weights (compact, accurate)
-        "ema_delta": [(e - p.detach()).to(torch.float16) for e, p in zip(ema_params, params)],
-        "optimizer": _compact_optimizer_state(opt),
-        "torch_rng": torch.get_rng_state(),
-        "numpy_rng": np.random.get_state(),
-        "vae_config": dict(pipe.vae.config),
-        **(extra or {}),
+        "format": CHECKPOINT_FORMAT, "step": step, "wall_seconds": wall, "args": vars(args),
+        "ema": {name: value.to(torch.float16) for name, value in ema.items()},
+        "heads": heads.state_dict(),
+        "optimizer": compact_optimizer_state(opt),
+        "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(),
     }
     tmp = path.with_name(path.name + ".tmp")
     torch.save(ckpt, tmp)
     os.replace(tmp, path)
 
 
-def load_checkpoint(path, pipe, opt=None, map_location="cpu"):
-    ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    for name in TRAINABLE:
-        getattr(pipe, name).load_state_dict(ckpt["model"][name])
-    params = trainable_params(pipe)
-    ema = [p.detach().clone() + d.float() for p, d in zip(params, ckpt["ema_delta"])]
+def load_checkpoint(path, pipe, heads=None, opt=None) -> tuple[dict, dict]:
+    """Load a checkpoint: the transformer gets the EMA weights; returns (checkpoint, EMA by name, fp32)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise SystemExit(f"{path} is not a v2 embedded checkpoint (format {ckpt.get('format')!r})")
+    params = trained_parameters(pipe.transformer)
+    ema = {name: value.float() for name, value in ckpt["ema"].items()}
+    with torch.no_grad():
+        for name, value in ema.items():
+            params[name].copy_(value)
+    if heads is not None:
+        heads.load_state_dict(ckpt["heads"])
     if opt is not None:
-        _restore_optimizer_state(opt, ckpt["optimizer"])
+        restore_optimizer_state(opt, ckpt["optimizer"])
     return ckpt, ema
 
 
-def load_ema_pipeline(ckpt_path, vae_dir=None):
-    """A FluxPipeline with the EMA weights of a training checkpoint (fp32, eval)."""
+def load_ema_pipeline(ckpt_path, vae_dir: str | None = None):
+    """A plain FluxPipeline with the EMA weights of a training checkpoint (fp32, eval; no heads, untied)."""
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    a = ckpt["args"]
-    pipe = load_models(vae_dir or a["vae"], a["seed"])
-    for name in TRAINABLE:
-        getattr(pipe, name).load_state_dict(ckpt["model"][name])
-    with torch.no_grad():
-        for p, d in zip(trainable_params(pipe), ckpt["ema_delta"]):
-            p.add_(d.float())
-    for name in TRAINABLE:
-        getattr(pipe, name).eval()
+    args = ckpt["args"]
+    pipe = load_models(vae_dir or args["vae"], args["seed"], tied=bool(args.get("tied")))
+    pipe.transformer.requires_grad_(True)
+    load_checkpoint(ckpt_path, pipe)
+    untie(pipe.transformer)
+    pipe.transformer.requires_grad_(False).eval()
     pipe.ckpt_step = ckpt["step"]
     return pipe
 
@@ -246,41 +326,26 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=1, help="0 = render in the main process")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--compile", action="store_true",
-                    help="torch.compile the transformer in place (benchmarks/train_step_speed.py: ~10 %% less time "
-                         "per step on 2 CPU cores, after ~2 min of compiling at every start)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile each transformer block in place")
     ap.add_argument("--save-minutes", type=float, default=5.0)
     ap.add_argument("--log-every", type=int, default=20)
-    ap.add_argument("--zero-pooled", action="store_true",
-                    help="switch off the pooled CLIP pathway (zero, frozen text_embedder.linear_1), so the prompt "
-                         "conditions the image only through T5 tokens in attention; sticky once in a checkpoint")
-    ap.add_argument("--freeze-t5", action="store_true",
-                    help="reset the T5 encoder to its seeded initial weights and freeze it (a fixed prompt encoder, as "
-                         "FLUX.1 trains with a frozen T5); sticky once in a checkpoint")
-    ap.add_argument("--t-logit-mean", type=float, default=None,
-                    help="mean of the logit-normal noise-level distribution (0 = SD3's default; ln 3 ~ 1.1 shifts "
-                         "training towards high noise, where the caption decides the image); default: the "
-                         "checkpoint's value, else 0")
-    ap.add_argument("--t-high-frac", type=float, default=None,
-                    help="fraction of noise levels drawn from logit-normal(--t-high-mean, 1) instead (the caption "
-                         "decides the image only at t >~ 0.95 on these scenes); default: the checkpoint's value, else 0")
-    ap.add_argument("--t-high-mean", type=float, default=None, help="default: the checkpoint's value, else 3.0")
-    ap.add_argument("--two-object-frac", type=float, default=None,
-                    help="fraction of training scenes redrawn to have two objects of different colours and shapes "
-                         "(the caption is then only drawn right if words bind to objects); default: the "
-                         "checkpoint's value, else 0")
-    ap.add_argument("--decay-start", type=int, default=None,
-                    help="step where the learning rate starts a linear decay to --lr-final; default: the "
-                         "checkpoint's value, else 0")
-    ap.add_argument("--decay-steps", type=int, default=None,
-                    help="length of the linear decay (0 = no decay: constant --lr after warm-up); default: the "
-                         "checkpoint's value, else 0")
-    ap.add_argument("--lr-final", type=float, default=None,
-                    help="learning rate at the end of the decay; default: the checkpoint's value, else 1e-4")
+    recipe = ap.add_argument_group("recipe (recorded in the checkpoint; a value given here changes it from this step)")
+    recipe.add_argument("--binding-weight", type=float, default=None,
+                        help="weight of the binding objective (0 = plain denoising, the ablation); default 1")
+    recipe.add_argument("--binding-t-max", type=float, default=None,
+                        help="captions with binding targets get noise levels uniform in [0, this]; default 0.8")
+    recipe.add_argument("--t-high-frac", type=float, default=None,
+                        help="share of the other noise levels drawn from logit-normal(--t-high-mean, 1); default 0.5")
+    recipe.add_argument("--t-high-mean", type=float, default=None, help="default 3.0")
+    recipe.add_argument("--tied", type=float, default=None,
+                        help="1 = the text stream shares the image stream's q/k/v and qk-norms (from step 0 only)")
+    recipe.add_argument("--decay-start", type=int, default=None, help="step where a linear lr decay starts")
+    recipe.add_argument("--decay-steps", type=int, default=None, help="length of the decay (0 = constant lr)")
+    recipe.add_argument("--lr-final", type=float, default=None, help="lr at the end of the decay; default 1e-4")
     return ap.parse_args(argv)
 
 
-def lr_at(step, args):
+def lr_at(step: int, args) -> float:
     """Linear warm-up to --lr, then constant, or a linear decay to --lr-final from --decay-start."""
     lr = args.lr
     if args.decay_steps and step >= args.decay_start:
@@ -289,167 +354,149 @@ def lr_at(step, args):
     return lr * min(1.0, (step + 1) / max(1, args.warmup))
 
 
-def pooled_layer(pipe):
-    """The first linear layer of the transformer's pooled-text projection."""
-    return pipe.transformer.time_text_embed.text_embedder.linear_1
+def resolve_recipe(args, previous: dict, step: int) -> None:
+    """Fill the recipe values (given > checkpoint > default) and log changes in ``args.history``."""
+    history = list(previous.get("history", []))
+    for name, default in RECIPE_DEFAULTS.items():
+        before = previous.get(name, default) if previous else default
+        given = getattr(args, name)
+        if given is None:
+            setattr(args, name, before)
+        elif previous and given != before:
+            if name == "tied":
+                raise SystemExit("--tied can only be chosen when a run starts")
+            history.append({"step": step, "change": f"{name}={given}"})
+    args.history = history
 
 
-def zero_pooled_pathway(pipe, ema, params):
-    """Zero and freeze the pooled-text projection (model and EMA); the CLIP encoder then gets no gradient."""
-    layer = pooled_layer(pipe)
+def recipe_of(args) -> dict:
+    return {name: getattr(args, name) for name in RECIPE_DEFAULTS}
+
+
+def start_run(args):
+    """(pipe, heads, states, optimizer, ema, step, wall) for a new or resumed run."""
+    last = Path(args.ckpt_dir) / "last.pt"
+    saved = torch.load(last, map_location="cpu", weights_only=False) if args.resume and last.exists() else {}
+    previous = saved.get("args", {})
+    resolve_recipe(args, previous, saved.get("step", 0))
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    pipe = load_models(args.vae, args.seed, tied=bool(args.tied))
+    pipe.transformer.train()
+    params = trained_parameters(pipe.transformer)
+    heads = BindingHeads(len(pipe.transformer.transformer_blocks), pipe.transformer.inner_dim)
+    opt = torch.optim.AdamW([*params.values(), *heads.parameters()], lr=args.lr, betas=(0.9, 0.99),
+                            weight_decay=args.weight_decay)
+    step, wall = 0, 0.0
+    if previous:
+        ckpt, ema = load_checkpoint(last, pipe, heads, opt)
+        step, wall = ckpt["step"], ckpt["wall_seconds"]
+        torch.set_rng_state(ckpt["torch_rng"])
+        np.random.set_state(ckpt["numpy_rng"])
+        print(f"resumed from {last} at step {step} ({wall / 3600:.2f} h trained)", flush=True)
+    else:
+        ema = {name: p.detach().clone() for name, p in params.items()}
+    states = TextStates(pipe.transformer)
+    if args.compile:
+        for block in [*pipe.transformer.transformer_blocks, *pipe.transformer.single_transformer_blocks]:
+            block.compile()  # in place: parameter names, checkpoints and the EMA are unchanged
+    return pipe, heads, states, opt, ema, step, wall
+
+
+def trim_loss_log(loss_csv: Path, step: int) -> None:
+    """Start a new log, or drop the rows written after the checkpoint being resumed."""
+    header = ["step", "wall_seconds", "loss", "binding", "binding_acc", "lr"]
+    rows = [header]
+    if step and loss_csv.exists():
+        with open(loss_csv) as f:
+            rows += [r for r in list(csv.reader(f))[1:] if r and int(r[0]) <= step]
+    with open(loss_csv, "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT: the loop saves and stops after the current step."""
+
+    def __init__(self) -> None:
+        self.stop = False
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._set)
+
+    def _set(self, signum, frame) -> None:
+        self.stop = True
+        print(f"signal {signum}: saving and stopping after this step", flush=True)
+
+
+def train_step(pipe, heads, states, opt, ema, images, captions, targets, lr, args) -> tuple[float, float, float]:
+    for group in opt.param_groups:
+        group["lr"] = lr
+    flow, binding, accuracy = training_losses(pipe, heads, states, images, captions, targets, recipe_of(args))
+    opt.zero_grad(set_to_none=True)
+    (flow + args.binding_weight * binding).backward()
+    params = [p for group in opt.param_groups for p in group["params"] if p.grad is not None]
+    torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+    opt.step()
+    return flow.item(), (binding.item() if accuracy == accuracy else float("nan")), accuracy
+
+
+def update_ema(ema: dict, transformer, step: int, rate: float) -> None:
+    decay = min(rate, (1 + step) / (10 + step))
+    params = trained_parameters(transformer)
     with torch.no_grad():
-        for p, e in zip(params, ema):
-            if p is layer.weight or p is layer.bias:
-                p.zero_()
-                e.zero_()
-    layer.requires_grad_(False)
-    pipe.text_encoder.requires_grad_(False)
+        torch._foreach_lerp_(list(ema.values()), [params[name].detach() for name in ema], 1 - decay)
 
 
-def freeze_t5(pipe, ema, params, initial_state):
-    """Put the T5 encoder back to ``initial_state`` (model and EMA) and freeze it."""
-    encoder = pipe.text_encoder_2
-    encoder.load_state_dict(initial_state)
-    t5_params = {id(p) for p in encoder.parameters()}
-    with torch.no_grad():
-        for p, e in zip(params, ema):
-            if id(p) in t5_params:
-                e.copy_(p)
-    encoder.requires_grad_(False)
+def mean_of_numbers(values) -> float:
+    """Mean ignoring nan (steps without binding targets); nan if there is none."""
+    numbers = [v for v in values if v == v]
+    return sum(numbers) / len(numbers) if numbers else float("nan")
 
 
-def main(argv=None):
+def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     ckpt_dir = Path(args.ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    last = ckpt_dir / "last.pt"
-    loss_csv = ckpt_dir / "loss.csv"
-
-    torch.manual_seed(args.seed)
-    np.random.seed(args.seed)
-    pipe = load_models(args.vae, args.seed)
-    if args.compile:
-        pipe.transformer.compile()  # in place: parameter names, checkpoints and the EMA are unchanged
-    for name in TRAINABLE:
-        getattr(pipe, name).train().requires_grad_(True)
-    initial_t5 = {k: v.clone() for k, v in pipe.text_encoder_2.state_dict().items()}
-    params = trainable_params(pipe)
-    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
-
-    step, wall0 = 0, 0.0
-    if args.resume and last.exists():
-        ckpt, ema = load_checkpoint(last, pipe, opt)
-        step, wall0 = ckpt["step"], ckpt["wall_seconds"]
-        torch.set_rng_state(ckpt["torch_rng"])
-        np.random.set_state(ckpt["numpy_rng"])
-        old = ckpt["args"]
-        for k in ("seed", "batch_size"):
-            if old.get(k) != getattr(args, k):
-                print(f"note: --{k} {getattr(args, k)} differs from checkpoint ({old.get(k)}); using the new value",
-                      flush=True)
-        # loss log: drop rows written after the checkpoint
-        if loss_csv.exists():
-            with open(loss_csv) as f:
-                rows = list(csv.reader(f))
-            keep = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= step]
-            with open(loss_csv, "w", newline="") as f:
-                csv.writer(f).writerows(keep)
-        print(f"resumed from {last} at step {step} ({wall0 / 3600:.2f} h trained)", flush=True)
-    else:
-        ema = [p.detach().clone() for p in params]
-        with open(loss_csv, "w", newline="") as f:
-            csv.writer(f).writerow(["step", "wall_seconds", "loss", "lr"])
-    previous = ckpt["args"] if args.resume and last.exists() else {}
-    history = list(previous.get("history", []))
-    for flag in ("zero_pooled", "freeze_t5"):
-        if previous.get(flag):
-            setattr(args, flag, True)
-        elif getattr(args, flag):
-            history.append({"step": step, "change": flag})
-    for name, default in RECIPE_DEFAULTS.items():  # sticky recipe values: given > checkpoint > default
-        before = previous.get(name)
-        before = default if before is None else float(before)
-        if getattr(args, name) is None:
-            setattr(args, name, before)
-        elif getattr(args, name) != before and previous:
-            history.append({"step": step, "change": f"{name}={getattr(args, name)}"})
-    args.history = history
-    if args.zero_pooled:
-        zero_pooled_pathway(pipe, ema, params)
-        print("pooled CLIP pathway: off (zero, frozen)", flush=True)
-    if args.freeze_t5 and not previous.get("freeze_t5"):
-        freeze_t5(pipe, ema, params, initial_t5)
-    if args.freeze_t5:
-        pipe.text_encoder_2.requires_grad_(False)
-        print("T5 encoder: frozen at its seeded initial weights", flush=True)
+    pipe, heads, states, opt, ema, step, wall0 = start_run(args)
     (ckpt_dir / "args.json").write_text(json.dumps({**vars(args), "start_step": step}, indent=2))
-
-    stop = {"flag": False}
-
-    def _handler(signum, frame):
-        stop["flag"] = True
-        print(f"signal {signum}: saving and stopping after this step", flush=True)
-
-    signal.signal(signal.SIGTERM, _handler)
-    signal.signal(signal.SIGINT, _handler)
-
-    tty = sys.stdout.isatty()
-    bar = None
-    if tty:
-        from tqdm import tqdm
-        bar = tqdm(initial=step, total=args.max_steps if args.max_steps < 1_000_000 else None, dynamic_ncols=True)
-
-    t_run = time.time()
-    t_save = time.time()
-    csv_f = open(loss_csv, "a", newline="")
-    writer = csv.writer(csv_f)
-    interval_losses, t_int = [], time.time()
+    loss_csv = ckpt_dir / "loss.csv"
+    trim_loss_log(loss_csv, step)
+    flag = StopFlag()
+    started = saved = logged = time.time()
+    window: list[tuple[float, float, float]] = []
     data = batch_iter(args, step)
-    try:
-        while step < args.max_steps and not stop["flag"]:
-            if args.minutes and time.time() - t_run > args.minutes * 60:
-                break
-            images, captions = next(data)
-            lr = lr_at(step, args)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            loss = flow_loss(pipe, images, captions, t_logit_mean=args.t_logit_mean, t_high_frac=args.t_high_frac,
-                             t_high_mean=args.t_high_mean)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], args.grad_clip)
-            opt.step()
-            step += 1
-            decay = min(args.ema, (1 + step) / (10 + step))
-            with torch.no_grad():
-                torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
-            lv = loss.item()
-            wall = wall0 + time.time() - t_run
-            writer.writerow([step, f"{wall:.1f}", f"{lv:.5f}", f"{lr:.3e}"])
-            interval_losses.append(lv)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{lv:.4f}", lr=f"{lr:.1e}")
-            if step % args.log_every == 0:
-                csv_f.flush()
-                if bar is None:
-                    dt = (time.time() - t_int) / len(interval_losses)
-                    print(f"step {step} loss {np.mean(interval_losses):.4f} lr {lr:.2e} {dt:.2f} s/step "
-                          f"wall {wall / 3600:.2f} h", flush=True)
-                interval_losses, t_int = [], time.time()
-            if time.time() - t_save > args.save_minutes * 60:
-                csv_f.flush()
-                save_checkpoint(last, pipe, ema, opt, step, wall0 + time.time() - t_run, args)
-                t_save = time.time()
-                print(f"saved checkpoint at step {step}", flush=True)
-    finally:
-        csv_f.flush()
-        csv_f.close()
-        save_checkpoint(last, pipe, ema, opt, step, wall0 + time.time() - t_run, args)
-        print(f"saved checkpoint at step {step} (final)", flush=True)
-        if bar is not None:
-            bar.close()
+
+    def wall() -> float:
+        return wall0 + time.time() - started
+
+    def save(note: str = "") -> None:
+        save_checkpoint(ckpt_dir / "last.pt", pipe, heads, ema, opt, step, wall(), args)
+        print(f"saved checkpoint at step {step}{note}", flush=True)
+
+    with open(loss_csv, "a", newline="") as log:
+        writer = csv.writer(log)
+        try:
+            while step < args.max_steps and not flag.stop and not (args.minutes and time.time() - started > args.minutes * 60):
+                images, captions, targets = next(data)
+                lr = lr_at(step, args)
+                flow, binding, accuracy = train_step(pipe, heads, states, opt, ema, images, captions, targets, lr, args)
+                step += 1
+                update_ema(ema, pipe.transformer, step, args.ema)
+                writer.writerow([step, f"{wall():.1f}", f"{flow:.5f}", f"{binding:.5f}", f"{accuracy:.3f}", f"{lr:.3e}"])
+                window.append((flow, binding, accuracy))
+                if step % args.log_every == 0:
+                    log.flush()
+                    flows, bindings, accs = (mean_of_numbers(column) for column in zip(*window))
+                    print(f"step {step} loss {flows:.4f} binding {bindings:.4f} acc {accs:.2f} lr {lr:.2e} "
+                          f"{(time.time() - logged) / len(window):.2f} s/step wall {wall() / 3600:.2f} h", flush=True)
+                    window, logged = [], time.time()
+                if time.time() - saved > args.save_minutes * 60:
+                    log.flush()
+                    save()
+                    saved = time.time()
+        finally:
+            log.flush()
+            save(" (final)")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import torch
 
-from concept_attention.embedded import build_vae
+from concept_attention.embedded import DEFAULT_SIZE, build_vae
 from concept_attention.scenes import render_batch
 
 HELDOUT_SEED_BASE = 1_000_000_000  # training seeds are < this
@@ -31,11 +31,11 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
 
 
 @torch.no_grad()
-def psnr(vae, n=200, bs=50) -> float:
+def psnr(vae, n=200, bs=50, size=DEFAULT_SIZE) -> float:
     vae.eval()
     errs = []
     for i in range(0, n, bs):
-        x = to_tensor(render_batch(range(HELDOUT_SEED_BASE + i, HELDOUT_SEED_BASE + min(n, i + bs))))
+        x = to_tensor(render_batch(range(HELDOUT_SEED_BASE + i, HELDOUT_SEED_BASE + min(n, i + bs)), size))
         y = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
         # PSNR on the uint8 scale, per image, then averaged
         xi = ((x + 1) * 127.5).round()
@@ -47,11 +47,11 @@ def psnr(vae, n=200, bs=50) -> float:
 
 
 @torch.no_grad()
-def latent_stats(vae, n=512, bs=64):
+def latent_stats(vae, n=512, bs=64, size=DEFAULT_SIZE):
     vae.eval()
     zs = []
     for i in range(0, n, bs):
-        x = to_tensor(render_batch(range(HELDOUT_SEED_BASE + 10_000 + i, HELDOUT_SEED_BASE + 10_000 + i + bs)))
+        x = to_tensor(render_batch(range(HELDOUT_SEED_BASE + 10_000 + i, HELDOUT_SEED_BASE + 10_000 + i + bs), size))
         zs.append(vae.encode(x).latent_dist.mean)
     z = torch.cat(zs)
     return float(z.mean()), float(z.std())
@@ -67,12 +67,19 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="checkpoints/embedded/vae")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--init", default=None, help="continue from this VAE directory instead of a fresh one")
+    ap.add_argument("--size", type=int, default=DEFAULT_SIZE, help="image size in pixels (the model's native size)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
 
-    vae = build_vae(seed=args.seed)
+    if args.init:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(args.init)
+    else:
+        vae = build_vae(seed=args.seed)
     vae.train()
     opt = torch.optim.AdamW(vae.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
     t0 = time.time()
@@ -83,7 +90,7 @@ def main():
         lr = args.lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
         for g in opt.param_groups:
             g["lr"] = lr
-        x = to_tensor(render_batch(rng.integers(0, HELDOUT_SEED_BASE, args.batch_size)))
+        x = to_tensor(render_batch(rng.integers(0, HELDOUT_SEED_BASE, args.batch_size), args.size))
         post = vae.encode(x).latent_dist
         y = vae.decode(post.sample()).sample
         rec = (y - x).abs().mean() + ((y - x) ** 2).mean()
@@ -98,10 +105,10 @@ def main():
             print(f"step {step} t={time.time() - t0:.0f}s rec={rec.item():.4f} kl/dim={kl.item():.3f} lr={lr:.2e}",
                   flush=True)
         if step % 400 == 0:
-            print(f"  held-out PSNR {psnr(vae, n=100):.2f} dB", flush=True)
+            print(f"  held-out PSNR {psnr(vae, n=100, size=args.size):.2f} dB", flush=True)
 
-    p = psnr(vae, n=200)
-    mean, std = latent_stats(vae)
+    p = psnr(vae, n=200, size=args.size)
+    mean, std = latent_stats(vae, size=args.size)
     vae.register_to_config(shift_factor=mean, scaling_factor=1.0 / std)
     vae.eval()
     out = Path(args.out)

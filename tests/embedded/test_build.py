@@ -48,7 +48,7 @@ def test_pipeline_save_load_generate(tmp_path):
     from diffusers import FluxPipeline
 
     pipe = build_pipeline(seed=0)
-    assert pipe.vae_scale_factor == 2
+    assert pipe.vae_scale_factor == 4  # 128 px -> 32x32 latents -> 16x16 packed tokens
     assert not pipe.transformer.training and not pipe.text_encoder_2.training
     pipe.set_progress_bar_config(disable=True)
     pipe.save_pretrained(tmp_path)
@@ -70,3 +70,21 @@ def test_pipeline_save_load_generate(tmp_path):
     back = load_pipeline(tmp_path / "fp16")
     assert all(p.dtype == torch.float32 for p in back.transformer.parameters())
     assert not back.transformer.training
+
+
+def test_t5_words_carry_their_neighbours():
+    """The hand-set local position bias: a shape word's state depends on the colour word before it."""
+    from concept_attention.embedded import LOCAL_BIAS, build_t5_encoder
+
+    tokenizer = build_t5_tokenizer()
+    encoder = build_t5_encoder(tokenizer, seed=3).eval()
+    bias = encoder.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight
+    assert int((bias == LOCAL_BIAS).sum()) == 4 and int((bias != 0).sum()) == 4
+    ids = tokenizer(["a red circle on grass", "a blue circle on grass", "a red square on grass"],
+                    return_tensors="pt").input_ids
+    with torch.no_grad():
+        states = encoder(ids)[0]
+    circle_red, circle_blue, square_red = states[0, 2], states[1, 2], states[2, 2]
+    assert not torch.allclose(circle_red, circle_blue, atol=1e-3)  # "circle" carries its colour word
+    cos = torch.nn.functional.cosine_similarity
+    assert cos(circle_red, circle_blue, dim=0) > cos(circle_red, square_red, dim=0)  # ... and stays "circle"

@@ -1,8 +1,9 @@
-"""The embedded model's training script: resumable, sticky recipe switches, frozen parts stay frozen."""
+"""The embedded model's training script: resumable, sticky recipe, binding objective, compact checkpoint, export."""
 import csv
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from repo_scripts import load_script
@@ -19,7 +20,7 @@ def train_module():
 
 
 def run(module, ckpt_dir, *extra):
-    module.main(["--ckpt-dir", str(ckpt_dir), "--vae", str(VAE), "--batch-size", "2", "--workers", "0",
+    module.main(["--ckpt-dir", str(ckpt_dir), "--vae", str(VAE), "--batch-size", "3", "--workers", "0",
                  "--threads", "1", "--warmup", "2", *extra])
 
 
@@ -28,47 +29,85 @@ def loss_rows(ckpt_dir):
         return list(csv.DictReader(f))
 
 
-def test_resume_continues_and_switches_are_sticky(train_module, tmp_path):
+def test_resume_continues_with_the_recorded_recipe(train_module, tmp_path):
     assert VAE.is_dir(), "the trained VAE of this repository (checkpoints/embedded/vae) is missing"
     run(train_module, tmp_path, "--max-steps", "2")
-    assert [int(r["step"]) for r in loss_rows(tmp_path)] == [1, 2]
     first = torch.load(tmp_path / "last.pt", map_location="cpu", weights_only=False)
-    assert first["step"] == 2 and not first["args"]["freeze_t5"]
+    assert first["step"] == 2 and first["args"]["binding_weight"] == 1.0 and first["args"]["history"] == []
 
-    run(train_module, tmp_path, "--resume", "--max-steps", "4", "--zero-pooled", "--freeze-t5", "--t-logit-mean", "1.1",
-        "--t-high-frac", "0.5", "--two-object-frac", "0.8", "--decay-start", "3", "--decay-steps", "100")
-    run(train_module, tmp_path, "--resume", "--max-steps", "5")  # flags not repeated: still on
+    run(train_module, tmp_path, "--resume", "--max-steps", "3", "--binding-weight", "0.5", "--decay-start", "2",
+        "--decay-steps", "100")
+    run(train_module, tmp_path, "--resume", "--max-steps", "4")  # not repeated: still in force
     rows = loss_rows(tmp_path)
-    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5]
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
     assert all(float(r["loss"]) > 0 for r in rows)
     last = torch.load(tmp_path / "last.pt", map_location="cpu", weights_only=False)
-    assert last["step"] == 5
-    assert last["args"]["zero_pooled"] and last["args"]["freeze_t5"]
-    assert last["args"]["t_logit_mean"] == 1.1 and last["args"]["t_high_frac"] == 0.5
-    assert last["args"]["t_high_mean"] == 3.0 and last["args"]["two_object_frac"] == 0.8
-    assert last["args"]["history"] == [{"step": 2, "change": "zero_pooled"}, {"step": 2, "change": "freeze_t5"},
-                                       {"step": 2, "change": "t_logit_mean=1.1"},
-                                       {"step": 2, "change": "t_high_frac=0.5"},
-                                       {"step": 2, "change": "two_object_frac=0.8"},
-                                       {"step": 2, "change": "decay_start=3"},
+    assert last["step"] == 4 and last["args"]["binding_weight"] == 0.5
+    assert last["args"]["history"] == [{"step": 2, "change": "binding_weight=0.5"},
+                                       {"step": 2, "change": "decay_start=2"},
                                        {"step": 2, "change": "decay_steps=100"}]
-    assert last["args"]["decay_start"] == 3 and last["args"]["decay_steps"] == 100
-    assert float(rows[-1]["lr"]) < float(rows[2]["lr"])  # step 5 is in the decay, also after a resume without flags
-
-    # the frozen T5 is exactly the seeded initial encoder, the pooled projection exactly zero
+    assert float(rows[-1]["lr"]) < float(rows[1]["lr"])  # in the decay after a resume without flags
+    # the transformer trained; the frozen parts are exactly the seeded ones
+    assert not torch.equal(last["ema"]["x_embedder.weight"], first["ema"]["x_embedder.weight"])
+    assert "time_text_embed.text_embedder.linear_1.weight" not in last["ema"]
+    pipe = train_module.load_ema_pipeline(tmp_path / "last.pt", str(VAE))
     fresh = train_module.load_models(str(VAE), seed=0)
     for name, value in fresh.text_encoder_2.state_dict().items():
-        assert torch.equal(last["model"]["text_encoder_2"][name], value), name
-    pooled = last["model"]["transformer"]
-    assert not pooled["time_text_embed.text_embedder.linear_1.weight"].any()
-    assert not pooled["time_text_embed.text_embedder.linear_1.bias"].any()
-    # ... and so are their EMA copies
-    pipe = train_module.load_ema_pipeline(tmp_path / "last.pt", str(VAE))
-    assert not pipe.transformer.time_text_embed.text_embedder.linear_1.weight.any()
-    for name, value in fresh.text_encoder_2.state_dict().items():
         assert torch.equal(pipe.text_encoder_2.state_dict()[name], value), name
-    # the transformer did train
-    assert not torch.equal(pooled["x_embedder.weight"], first["model"]["transformer"]["x_embedder.weight"])
+    assert not pipe.transformer.time_text_embed.text_embedder.linear_1.weight.any()
+
+
+def test_tied_can_only_be_chosen_at_the_start(train_module, tmp_path):
+    run(train_module, tmp_path, "--max-steps", "1")
+    with pytest.raises(SystemExit, match="tied"):
+        run(train_module, tmp_path, "--resume", "--max-steps", "2", "--tied", "1")
+
+
+def test_export_is_a_plain_flux_pipeline_without_heads(train_module, tmp_path):
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    run(train_module, tmp_path / "run", "--max-steps", "1", "--tied", "1")
+    export = load_script("scripts/export_embedded.py").export
+    out = export(str(tmp_path / "run" / "last.pt"), str(tmp_path / "export"), vae_dir=str(VAE))
+    pipe = FluxPipeline.from_pretrained(out)
+    reference = FluxTransformer2DModel.from_config(pipe.transformer.config)
+    assert set(pipe.transformer.state_dict()) == set(reference.state_dict())  # no binding heads, nothing extra
+    assert not any("head" in name for name in pipe.transformer.state_dict())
+    attn = pipe.transformer.transformer_blocks[0].attn
+    assert torch.equal(attn.add_q_proj.weight, attn.to_q.weight)  # tied in training ...
+    assert attn.add_q_proj.weight.data_ptr() != attn.to_q.weight.data_ptr()  # ... plain weights once exported
+    ckpt = torch.load(tmp_path / "run" / "last.pt", map_location="cpu", weights_only=False)
+    heads = train_module.BindingHeads(len(pipe.transformer.transformer_blocks), pipe.transformer.inner_dim)
+    assert set(ckpt["heads"]) == set(heads.state_dict())  # the heads live only in the training checkpoint
+
+
+def test_binding_loss_reads_the_named_word(train_module):
+    from concept_attention.scenes.training import BindingTarget
+
+    torch.manual_seed(0)
+    heads = train_module.BindingHeads(2, 8)
+    states = [torch.randn(2, 6, 8, requires_grad=True) for _ in range(2)]
+    targets = [(BindingTarget(1, 0, 2), BindingTarget(4, 1, 3)), ()]
+    loss, accuracy = heads(states, targets)
+    loss.backward()
+    for state in states:
+        touched = state.grad.abs().sum(-1) > 0
+        assert touched.nonzero().tolist() == [[0, 1], [0, 4]]  # only the named words' states
+    other, _ = heads(states, [(BindingTarget(1, 0, 1), BindingTarget(4, 1, 3)), ()])
+    assert not torch.isclose(loss, other)
+    none, acc = heads(states, [(), ()])
+    assert float(none) == 0.0 and acc != acc  # no targets: zero loss, accuracy nan
+    assert 0.0 <= accuracy <= 1.0
+
+
+def test_noise_levels_low_for_binding_captions(train_module):
+    from concept_attention.scenes.training import BindingTarget
+
+    targets = [(BindingTarget(1, 0, 0),) if i % 2 else () for i in range(20000)]
+    sigma = train_module.sample_noise_levels(targets, torch.Generator().manual_seed(0), 0.5, 3.0, 0.8)
+    binding, other = sigma[1::2], sigma[0::2]
+    assert float(binding.max()) <= 0.8 and abs(float(binding.mean()) - 0.4) < 0.01
+    assert 0.25 < float((other > 0.95).float().mean()) < 0.30  # half centred on sigmoid(3) = 0.953
 
 
 def test_learning_rate_schedule(train_module):
@@ -80,38 +119,41 @@ def test_learning_rate_schedule(train_module):
     assert train_module.lr_at(500, args) == pytest.approx(1e-4)
 
 
-def test_noise_level_mixture(train_module):
-    g = torch.Generator().manual_seed(0)
-    plain = train_module.sample_noise_levels(20000, g)
-    assert abs(float(plain.median()) - 0.5) < 0.02
-    mixed = train_module.sample_noise_levels(20000, g, t_logit_mean=0.0, t_high_frac=0.5, t_high_mean=3.0)
-    high = float((mixed > 0.95).float().mean())
-    assert 0.25 < high < 0.30  # half of the draws centre on sigmoid(3) = 0.953
-    assert float((plain > 0.95).float().mean()) < 0.01
+def test_compact_moments_round_trip(train_module):
+    torch.manual_seed(0)
+    param = torch.nn.Parameter(torch.randn(1000))
+    opt = torch.optim.AdamW([param], lr=1e-3)
+    for _ in range(3):
+        opt.zero_grad()
+        (param ** 2 * torch.logspace(-6, 0, 1000)).sum().backward()
+        opt.step()
+    before = {k: v.clone() for k, v in opt.state[param].items()}
+    compact = train_module.compact_optimizer_state(opt)
+    restored = torch.optim.AdamW([param], lr=1e-3)
+    train_module.restore_optimizer_state(restored, compact)
+    after = restored.state[param]
+    scale = before["exp_avg"].abs().max()
+    assert (after["exp_avg"] - before["exp_avg"]).abs().max() <= scale / 127
+    assert bool((after["exp_avg_sq"] > 0).all())  # never 0: an update never blows up
+    assert bool((after["exp_avg_sq"].sqrt() >= before["exp_avg_sq"].sqrt() - before["exp_avg_sq"].sqrt().max() / 255).all())
+    codes = train_module.quantize(torch.randn(7, 300))
+    assert codes["codes"].dtype == torch.int8 and train_module.dequantize(codes).shape == (7, 300)
 
 
-def test_two_object_fraction(train_module):
-    from concept_attention.scenes.render import render_scene
-
-    import numpy as np
-
-    images, _ = train_module.make_batch(0, 7, 8, two_object_frac=0.0)
-    seeds = np.random.default_rng([0, 7, 0xDA7A]).integers(0, train_module.HELDOUT_SEED_BASE, 8)
-    original = np.stack([render_scene(int(s)).image for s in seeds])
-    assert torch.equal(images, torch.from_numpy(original))  # 0 = the original stream, bit for bit
-
-    forced, forced_captions = train_module.make_batch(0, 7, 16, caption_mode="full", two_object_frac=1.0)
-    scenes = [render_scene(s) for s in range(200)]
-    assert all(" and " in c for c in forced_captions)  # every scene has two objects
-    assert torch.equal(forced, train_module.make_batch(0, 7, 16, caption_mode="full", two_object_frac=1.0)[0])
-    natural = sum(train_module.binding_scene(sc) for sc in scenes) / len(scenes)
-    assert 0.05 < natural < 0.5  # so forcing changes the distribution
-    pairs = [c.split(" on ")[0].split(" and ") for c in forced_captions]
-    assert all(a.split()[1] != b.split()[1] and a.split()[2] != b.split()[2] for a, b in pairs)
+def test_checkpoint_is_small(train_module, tmp_path):
+    run(train_module, tmp_path, "--max-steps", "1")
+    assert (tmp_path / "last.pt").stat().st_size < 15e6
 
 
-def test_compile_flag_compiles_the_transformer_in_place(train_module, tmp_path, monkeypatch):
+def test_compile_flag_compiles_every_block_in_place(train_module, tmp_path, monkeypatch):
     compiled = []
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(type(self).__name__))
     run(train_module, tmp_path, "--max-steps", "1", "--compile")
-    assert compiled == ["FluxTransformer2DModel"]
+    assert compiled == ["FluxTransformerBlock"] * 4 + ["FluxSingleTransformerBlock"] * 2
+
+
+def test_batches_are_a_function_of_seed_and_step(train_module):
+    a, b = train_module.make_batch(0, 7, 4), train_module.make_batch(0, 7, 4)
+    assert torch.equal(a[0], b[0]) and a[1] == b[1] and a[2] == b[2]
+    assert not torch.equal(a[0], train_module.make_batch(0, 8, 4)[0])
+    assert a[0].shape[1:] == (128, 128, 3) and np.asarray(a[0]).dtype == np.uint8

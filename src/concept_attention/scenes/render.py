@@ -201,6 +201,11 @@ def render_scene(seed: int, size: int = SIZE) -> Scene:
         specs.append((*props[1], c2[0], c2[1], r2))
     specs.sort(key=lambda s: s[2])  # left to right
 
+    return paint_scene(rng, int(seed), background, specs, size)
+
+
+def paint_scene(rng: np.random.Generator, seed: int, background: str, specs, size: int) -> Scene:
+    """Draw ``specs`` = [(shape, colour, cx, cy, r), ...] (in that order) over a fresh background."""
     img = _background(rng, background, size)
     objects: list[SceneObject] = []
     for shape, colour, cx, cy, r in specs:
@@ -211,13 +216,13 @@ def render_scene(seed: int, size: int = SIZE) -> Scene:
                                    tuple(int(v) for v in rgb)))
     image = np.clip(np.rint(img), 0, 255).astype(np.uint8)
     bg_mask = ~np.any(np.stack([o.mask for o in objects]), axis=0)
-    return Scene(seed=int(seed), image=image, caption=_caption(objects, background), objects=objects,
+    return Scene(seed=seed, image=image, caption=_caption(objects, background), objects=objects,
                  background=background, background_mask=bg_mask)
 
 
-def render_batch(seeds) -> np.ndarray:
-    """uint8 (N, H, W, 3) images for the given seeds."""
-    return np.stack([render_scene(int(s)).image for s in seeds])
+def render_batch(seeds, size: int = SIZE) -> np.ndarray:
+    """uint8 (N, size, size, 3) images for the given seeds."""
+    return np.stack([render_scene(int(s), size).image for s in seeds])
 
 
 # --------------------------------------------------------------------------- captions
