@@ -143,7 +143,7 @@ def cog_dir(tmp_path_factory):
 
 def test_generate_and_cli_write_videos(cog_dir, tmp_path, capsys):
     from concept_attention.cli import main
-    from concept_attention.generate import generate
+    from concept_attention.generation import generate
     from concept_attention.loading import load_pipeline
 
     pipe = load_pipeline(cog_dir)

@@ -90,3 +90,24 @@ def generate(pipe, prompt="a dog by a tree", **kwargs):
     kwargs.setdefault("output_type", "latent")
     generator = torch.Generator().manual_seed(kwargs.pop("seed", 0))
     return pipe(prompt, generator=generator, **kwargs).images
+
+
+def flux_inputs(transformer, batch=2, height=4, width=6, text=5, seed=0, pooled_zero=False):
+    """FluxTransformer2DModel keyword arguments: random latents and prompt on a height × width grid."""
+    from diffusers import FluxPipeline
+
+    g = torch.Generator().manual_seed(seed)
+    cfg = transformer.config
+    inputs = {
+        "hidden_states": torch.randn(batch, height * width, cfg.in_channels, generator=g),
+        "encoder_hidden_states": torch.randn(batch, text, cfg.joint_attention_dim, generator=g),
+        "pooled_projections": torch.zeros(batch, cfg.pooled_projection_dim)
+        if pooled_zero
+        else torch.randn(batch, cfg.pooled_projection_dim, generator=g),
+        "timestep": torch.full((batch,), 0.6),
+        "img_ids": FluxPipeline._prepare_latent_image_ids(batch, height, width, "cpu", torch.float32),
+        "txt_ids": torch.zeros(text, 3),
+    }
+    if cfg.guidance_embeds:
+        inputs["guidance"] = torch.full((batch,), 3.5)
+    return inputs

@@ -16,6 +16,7 @@ import json
 import shutil
 import tempfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +25,10 @@ from PIL import Image, ImageDraw, ImageFont
 
 from . import viz
 from .core.maps import ConceptMaps
-from .explain import explain, load_image
-from .generate import generate, size_rule
-from .loading import pipeline_defaults
-
-MAX_CONCEPTS = 8
-"""Most concepts one request may ask for (maps are shown side by side)."""
+from .explanation import explain, load_image
+from .generation import generate
+from .options import MAX_CONCEPTS, adapter_of, check_concepts, default_layers, pipeline_defaults, size_rule, \
+    valid_frame_counts
 
 GENERIC_EXAMPLES = [
     {"prompt": "a dog by a tree in a park", "concepts": ["dog", "tree", "grass", "sky"]},
@@ -42,22 +41,16 @@ class UserInputError(ValueError):
 
 
 def clean_concepts(concepts: Any) -> list[str]:
-    """Concepts from a multi-value input: strings, comma-separated allowed; 1..MAX_CONCEPTS."""
-    if concepts is None:
-        concepts = []
-    if isinstance(concepts, str):
-        concepts = [concepts]
-    names: list[str] = []
-    for item in concepts:
-        for part in str(item).split(","):
-            part = part.strip()
-            if part and part.lower() not in {n.lower() for n in names}:
-                names.append(part)
+    """Concepts from a multi-value input (items may hold comma-separated names), by the rule every front
+    end uses (``options.check_concepts``: no empty names, no duplicates, at most MAX_CONCEPTS)."""
+    items = [concepts] if isinstance(concepts, str) else list(concepts or [])
+    names = [part.strip() for item in items for part in str(item).split(",") if part.strip()]
     if not names:
         raise UserInputError("Add at least one concept (e.g. dog, sky, background).")
-    if len(names) > MAX_CONCEPTS:
-        raise UserInputError(f"At most {MAX_CONCEPTS} concepts per request; you gave {len(names)}.")
-    return names
+    try:
+        return check_concepts(names)
+    except (TypeError, ValueError) as error:
+        raise UserInputError(f"Concepts: {error}.") from None
 
 
 def segmentation_with_legend(maps: ConceptMaps, image: Image.Image) -> Image.Image:
@@ -145,11 +138,9 @@ class ConceptApp:
     """Request handlers around one shared pipeline (a lock makes sure one request runs at a time)."""
 
     def __init__(self, pipe: Any) -> None:
-        from .adapters import resolve_adapter
-
         self.pipe = pipe
         self.defaults = pipeline_defaults(pipe)
-        self.adapter = resolve_adapter(pipe.transformer)
+        self.adapter = adapter_of(pipe)
         self.video = bool(self.adapter.video)
         """Whether the model makes videos (CogVideoX): uploads are videos, results heat-map videos."""
         self._lock = threading.Lock()
@@ -170,8 +161,6 @@ class ConceptApp:
         """Frame counts the video model accepts, up to its native count (empty for image models)."""
         if not self.video:
             return []
-        from .video_explain import valid_frame_counts
-
         ratio, multiple, native = self.adapter.frame_rule(self.pipe)
         return valid_frame_counts(ratio, multiple, native)
 
@@ -224,7 +213,7 @@ class ConceptApp:
                            layers=list(range(start, end + 1)), space=["output", "cross_attention"])
             try:
                 if self.video:
-                    from .video_explain import explain_video
+                    from .video_explanation import explain_video
 
                     maps = explain_video(self.pipe, picture, names, num_frames=int(frames) if frames else None,
                                          **options)
@@ -242,111 +231,147 @@ def result_component(gr: Any, video: bool, label: str, elem_id: str) -> Any:
     return gr.Image(label=label, elem_id=elem_id, type="pil")
 
 
+@dataclass
+class PageSettings:
+    """What the page shows before any request: examples, sizes, steps, frame counts, layers."""
+
+    examples: list[dict]
+    vocabulary: list[str]
+    width: int
+    height: int
+    multiple: int
+    steps: int
+    frame_counts: list[int]
+    num_layers: int
+    default_layers: list[int]
+    timestep: float
+    video: bool
+
+    @classmethod
+    def of(cls, app: "ConceptApp") -> "PageSettings":
+        pipe, defaults = app.pipe, app.defaults
+        examples = defaults.get("examples") or GENERIC_EXAMPLES
+        native, multiple = size_rule(pipe)
+        width = height = int(defaults.get("size") or native)
+        if app.video and not defaults.get("size"):
+            width, height = app.adapter.native_frame_size(pipe)
+        return cls(examples=examples, vocabulary=sorted({c for e in examples for c in e["concepts"]}), width=width,
+                   height=height, multiple=multiple, steps=int(defaults.get("num_inference_steps") or 4),
+                   frame_counts=app.frame_counts(), num_layers=app.num_layers, default_layers=default_layers(pipe),
+                   timestep=float(defaults.get("timestep", 0.5)), video=app.video)
+
+    @property
+    def per_frame(self) -> str:
+        return " (videos)" if self.video else ""
+
+    @property
+    def sheet_label(self) -> str:
+        return "Contact sheet (frames × concepts)" if self.video else "Segmentation (argmax over concepts)"
+
+
+def guarded(gr: Any, function: Any) -> Any:
+    """``function`` with user mistakes shown as a message in the page and other errors as one line."""
+    def wrapper(*args, progress=gr.Progress()):
+        try:
+            return function(*args, progress=progress)
+        except UserInputError as error:
+            raise gr.Error(str(error)) from None
+        except Exception as error:  # keep serving; no stack trace in the page
+            raise gr.Error(f"Something went wrong: {type(error).__name__}: {error}") from None
+
+    wrapper.__name__ = function.__name__
+    return wrapper
+
+
+def concept_input(gr: Any, page: PageSettings, elem_id: str) -> Any:
+    return gr.Dropdown(choices=page.vocabulary, value=page.examples[0]["concepts"], multiselect=True,
+                       allow_custom_value=True, label=f"Concepts (up to {MAX_CONCEPTS})", elem_id=elem_id)
+
+
+def result_column(gr: Any, page: PageSettings, label: str, prefix: str) -> tuple[Any, Any]:
+    """Beside the inputs: the picture and the segmentation (or contact sheet)."""
+    with gr.Column():
+        image = result_component(gr, page.video, label, f"{prefix}-image")
+        segmentation = gr.Image(label=page.sheet_label, type="pil")
+    return image, segmentation
+
+
+def result_rows(gr: Any, page: PageSettings, prefix: str, image: Any, segmentation: Any) -> list[Any]:
+    """Below the inputs: the maps, the baseline maps, the zip; returns every output in handler order."""
+    gallery = gr.Gallery(label=f"ConceptAttention maps{page.per_frame}", columns=4, elem_id=f"{prefix}-gallery")
+    cross = gr.Gallery(label=f"Raw cross-attention maps (baseline){page.per_frame}", columns=4)
+    archive = gr.File(label="Download the result folder (zip)")
+    return [image, gallery, segmentation, cross, archive]
+
+
+def generate_tab(gr: Any, app: "ConceptApp", page: PageSettings) -> None:
+    first, largest = page.examples[0], max(page.width, page.height) * 4
+    with gr.Row():
+        with gr.Column():
+            prompt = gr.Dropdown(choices=[e["prompt"] for e in page.examples], value=first["prompt"],
+                                 allow_custom_value=True, label="Prompt", elem_id="gen-prompt")
+            concepts = concept_input(gr, page, "gen-concepts")
+            with gr.Row():
+                seed = gr.Number(value=0, precision=0, label="Seed")
+                steps = gr.Slider(1, max(50, page.steps), value=page.steps, step=1, label="Steps")
+            with gr.Row():
+                width = gr.Slider(page.multiple, largest, value=page.width, step=page.multiple, label="Width")
+                height = gr.Slider(page.multiple, largest, value=page.height, step=page.multiple, label="Height")
+            extra = [gr.Dropdown(choices=[(str(n), n) for n in page.frame_counts], value=page.frame_counts[-1],
+                                 label="Frames", elem_id="gen-frames")] if page.video else []
+            button = gr.Button("Generate", variant="primary", elem_id="gen-button")
+        shown = result_column(gr, page, "Generated video" if page.video else "Generated image", "gen")
+    outputs = result_rows(gr, page, "gen", *shown)
+
+    def fill_concepts(chosen: str):
+        matching = [example["concepts"] for example in page.examples if example["prompt"] == chosen]
+        return gr.update(value=matching[0]) if matching else gr.update()
+
+    prompt.change(fill_concepts, prompt, concepts)
+    button.click(guarded(gr, app.run_generate), [prompt, concepts, seed, steps, width, height, *extra], outputs,
+                 api_name="generate")
+
+
+def explain_tab(gr: Any, app: "ConceptApp", page: PageSettings) -> None:
+    last = page.num_layers - 1
+    with gr.Row():
+        with gr.Column():
+            upload = gr.File(label="Video (MP4, WebM, GIF, ...)" if page.video else "Image (any common format)",
+                             file_types=["video", ".gif"] if page.video else ["image"], type="filepath",
+                             elem_id="exp-upload")
+            concepts = concept_input(gr, page, "exp-concepts")
+            prompt = gr.Textbox(value="", label="Prompt (optional)")
+            timestep = gr.Slider(0.05, 1.0, value=page.timestep, step=0.05, label="Noise timestep t")
+            samples = gr.Slider(1, 10, value=4, step=1, label="Noise samples")
+            with gr.Row():
+                start = gr.Slider(0, last, value=min(page.default_layers), step=1, label="First layer")
+                end = gr.Slider(0, last, value=max(page.default_layers), step=1, label="Last layer")
+            extra = [gr.Dropdown(choices=[("all the video has, up to the model's", 0)]
+                                 + [(str(n), n) for n in page.frame_counts], value=0,
+                                 label="Leading frames to explain", elem_id="exp-frames")] if page.video else []
+            button = gr.Button("Explain", variant="primary", elem_id="exp-button")
+        shown = result_column(gr, page, "Video" if page.video else "Image", "exp")
+    outputs = result_rows(gr, page, "exp", *shown)
+    button.click(guarded(gr, app.run_explain), [upload, concepts, prompt, timestep, samples, start, end, *extra],
+                 outputs, api_name="explain")
+
+
 def build_app(pipe: Any) -> Any:
     """The gradio Blocks app for ``pipe`` (not launched)."""
     import gradio as gr
 
     app = ConceptApp(pipe)
-    defaults = app.defaults
-    examples = defaults.get("examples") or GENERIC_EXAMPLES
-    vocabulary = sorted({c for example in examples for c in example["concepts"]})
-    native, multiple = size_rule(pipe)
-    size = int(defaults.get("size") or native)
-    video = app.video
-    width = height = size
-    if video and not defaults.get("size") and hasattr(app.adapter, "native_frame_size"):
-        width, height = app.adapter.native_frame_size(pipe)
-    counts = app.frame_counts()
-    steps = int(defaults.get("num_inference_steps") or 4)
-    layers = app.num_layers
-    first = examples[0]
-    sheet_label = "Contact sheet (frames × concepts)" if video else "Segmentation (argmax over concepts)"
-    per_frame = " (videos)" if video else ""
-
-    def guarded(function):
-        def wrapper(*args, progress=gr.Progress()):
-            try:
-                return function(*args, progress=progress)
-            except UserInputError as error:
-                raise gr.Error(str(error)) from None
-            except Exception as error:  # keep serving; no stack trace in the page
-                raise gr.Error(f"Something went wrong: {type(error).__name__}: {error}") from None
-
-        wrapper.__name__ = function.__name__
-        return wrapper
-
+    page = PageSettings.of(app)
+    kind = "a video" if page.video else "an image"
     with gr.Blocks(title="ConceptAttention") as demo:
         gr.Markdown(
             "# ConceptAttention\nWhere does the diffusion transformer see each concept? "
             f"Model: `{getattr(pipe, 'model_id', None) or type(pipe).__name__}`. Concepts need not appear in the "
-            f"prompt (up to {MAX_CONCEPTS}); add a filler such as a background word so that every pixel has a home."
-        )
-        with gr.Tab(f"Generate {'a video' if video else 'an image'}"):
-            with gr.Row():
-                with gr.Column():
-                    g_prompt = gr.Dropdown(choices=[e["prompt"] for e in examples], value=first["prompt"],
-                                           allow_custom_value=True, label="Prompt", elem_id="gen-prompt")
-                    g_concepts = gr.Dropdown(choices=vocabulary, value=first["concepts"], multiselect=True,
-                                             allow_custom_value=True, label=f"Concepts (up to {MAX_CONCEPTS})",
-                                             elem_id="gen-concepts")
-                    with gr.Row():
-                        g_seed = gr.Number(value=0, precision=0, label="Seed")
-                        g_steps = gr.Slider(1, max(50, steps), value=steps, step=1, label="Steps")
-                    with gr.Row():
-                        g_width = gr.Slider(multiple, max(width, height) * 4, value=width, step=multiple,
-                                            label="Width")
-                        g_height = gr.Slider(multiple, max(width, height) * 4, value=height, step=multiple,
-                                             label="Height")
-                    g_extra = [gr.Dropdown(choices=[(str(n), n) for n in counts], value=counts[-1], label="Frames",
-                                           elem_id="gen-frames")] if video else []
-                    g_button = gr.Button("Generate", variant="primary", elem_id="gen-button")
-                with gr.Column():
-                    g_image = result_component(gr, video, "Generated video" if video else "Generated image", "gen-image")
-                    g_seg = gr.Image(label=sheet_label, type="pil")
-            g_gallery = gr.Gallery(label=f"ConceptAttention maps{per_frame}", columns=4, elem_id="gen-gallery")
-            g_cross = gr.Gallery(label=f"Raw cross-attention maps (baseline){per_frame}", columns=4)
-            g_zip = gr.File(label="Download the result folder (zip)")
-
-            def fill_concepts(prompt: str):
-                for example in examples:
-                    if example["prompt"] == prompt:
-                        return gr.update(value=example["concepts"])
-                return gr.update()
-
-            g_prompt.change(fill_concepts, g_prompt, g_concepts)
-            g_button.click(guarded(app.run_generate),
-                           [g_prompt, g_concepts, g_seed, g_steps, g_width, g_height, *g_extra],
-                           [g_image, g_gallery, g_seg, g_cross, g_zip], api_name="generate")
-        with gr.Tab(f"Explain {'a video' if video else 'an image'}"):
-            with gr.Row():
-                with gr.Column():
-                    e_upload = gr.File(label="Video (MP4, WebM, GIF, ...)" if video else "Image (any common format)",
-                                       file_types=["video", ".gif"] if video else ["image"],
-                                       type="filepath", elem_id="exp-upload")
-                    e_concepts = gr.Dropdown(choices=vocabulary, value=first["concepts"], multiselect=True,
-                                             allow_custom_value=True, label=f"Concepts (up to {MAX_CONCEPTS})",
-                                             elem_id="exp-concepts")
-                    e_prompt = gr.Textbox(value="", label="Prompt (optional)")
-                    e_timestep = gr.Slider(0.05, 1.0, value=float(defaults.get("timestep", 0.5)), step=0.05,
-                                            label="Noise timestep t")
-                    e_samples = gr.Slider(1, 10, value=4, step=1, label="Noise samples")
-                    with gr.Row():
-                        default_layers = defaults.get("layers") or list(range(layers // 2, layers))
-                        e_start = gr.Slider(0, layers - 1, value=min(default_layers), step=1, label="First layer")
-                        e_end = gr.Slider(0, layers - 1, value=max(default_layers), step=1, label="Last layer")
-                    e_extra = [gr.Dropdown(choices=[("all the video has, up to the model's", 0)]
-                                           + [(str(n), n) for n in counts], value=0,
-                                           label="Leading frames to explain", elem_id="exp-frames")] if video else []
-                    e_button = gr.Button("Explain", variant="primary", elem_id="exp-button")
-                with gr.Column():
-                    e_image = result_component(gr, video, "Video" if video else "Image", "exp-image")
-                    e_seg = gr.Image(label=sheet_label, type="pil")
-            e_gallery = gr.Gallery(label=f"ConceptAttention maps{per_frame}", columns=4, elem_id="exp-gallery")
-            e_cross = gr.Gallery(label=f"Raw cross-attention maps (baseline){per_frame}", columns=4)
-            e_zip = gr.File(label="Download the result folder (zip)")
-            e_button.click(guarded(app.run_explain),
-                           [e_upload, e_concepts, e_prompt, e_timestep, e_samples, e_start, e_end, *e_extra],
-                           [e_image, e_gallery, e_seg, e_cross, e_zip], api_name="explain")
+            f"prompt (up to {MAX_CONCEPTS}); add a filler such as a background word so that every pixel has a home.")
+        with gr.Tab(f"Generate {kind}"):
+            generate_tab(gr, app, page)
+        with gr.Tab(f"Explain {kind}"):
+            explain_tab(gr, app, page)
     demo.queue(default_concurrency_limit=1)
     return demo
 

@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from .core.defaults import pipeline_defaults  # noqa: F401  (re-exported: older imports)
+
 EMBEDDED_MODEL_DIR = Path(__file__).parent / "models" / "embedded"
 """The small FLUX-architecture pipeline trained in this repository (see its MODEL_CARD.md)."""
 
@@ -97,8 +99,3 @@ def apply_defaults(pipe: Any, directory: Path | None) -> dict[str, Any]:
     if size and scale and hasattr(pipe, "default_sample_size"):
         pipe.default_sample_size = int(size) // int(scale)
     return defaults
-
-
-def pipeline_defaults(pipe: Any) -> dict[str, Any]:
-    """Library defaults attached by :func:`load_pipeline` (empty for pipelines built elsewhere)."""
-    return dict(getattr(pipe, "concept_attention_defaults", {}) or {})

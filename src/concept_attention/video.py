@@ -21,13 +21,12 @@ import torch
 from PIL import Image, ImageDraw, ImageSequence
 
 from . import viz
+from .media import VIDEO_SUFFIXES
 
 if TYPE_CHECKING:  # pragma: no cover
     from .core.maps import ConceptMaps
 
 VIDEO_FORMATS = ("auto", "mp4", "gif")
-VIDEO_SUFFIXES = (".mp4", ".gif", ".webm", ".avi", ".mov", ".mkv", ".m4v")
-"""File types read as videos (GIF with Pillow, the others with imageio's ffmpeg plugin)."""
 PIXELS_PER_PATCH = 16
 """Scale of heat-map videos written without source frames (one latent patch = 16 × 16 pixels)."""
 

@@ -1,47 +1,23 @@
-"""Colouring, upsampling and overlays for concept maps (no model code here)."""
+"""Colouring, overlays and figures for concept maps (no model code here).
+
+Registers the picture views of :class:`~concept_attention.core.maps.ConceptMaps`
+(``to_pil``, ``overlay``, ``figure`` and the inline PNG for Jupyter).
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+import io
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
-Normalization = Literal["per_concept", "global", "none"]
+from .core.maps import ConceptMaps, Normalization, normalize, register_view, upsample
+
 DEFAULT_CMAP = "inferno"
-
-
-def upsample(maps: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
-    """Resize the last two dims of ``maps`` to ``size`` = (height, width)."""
-    lead = maps.shape[:-2]
-    flat = maps.reshape(-1, 1, *maps.shape[-2:]).float()
-    kwargs = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
-    out = F.interpolate(flat, size=tuple(size), mode=mode, **kwargs)
-    return out.reshape(*lead, *size)
-
-
-def normalize(maps: torch.Tensor, mode: Normalization = "per_concept") -> torch.Tensor:
-    """Scale ``(B, C, ..., h, w)`` maps into [0, 1].
-
-    ``per_concept`` stretches each (image, concept) map on its own min/max, so every panel uses
-    the full colour range; ``global`` uses one min/max per image across all its concepts, so
-    panels are comparable with each other; ``none`` only clips to [0, 1] (useful for softmax maps,
-    which already are probabilities).
-    """
-    maps = maps.float()
-    if mode == "none":
-        return maps.clamp(0, 1)
-    if mode == "per_concept":
-        dims = tuple(range(2, maps.dim()))
-    elif mode == "global":
-        dims = tuple(range(1, maps.dim()))
-    else:
-        raise ValueError(f"normalization must be 'per_concept', 'global' or 'none', not {mode!r}")
-    low = maps.amin(dim=dims, keepdim=True)
-    high = maps.amax(dim=dims, keepdim=True)
-    return (maps - low) / (high - low).clamp(min=1e-12)
+__all__ = ["DEFAULT_CMAP", "Normalization", "blend", "colorize", "concept_figure", "heat_map", "label_palette",
+           "normalize", "overlay", "segmentation_image", "to_rgb_image", "upsample"]
 
 
 def colorize(values: np.ndarray | torch.Tensor, cmap: str = DEFAULT_CMAP) -> np.ndarray:
@@ -170,3 +146,76 @@ def _has_display() -> bool:
     import os
 
     return bool(os.environ.get("DISPLAY"))
+
+
+@register_view("to_pil")
+def heat_map(maps: ConceptMaps, concept: str | int, batch_index: int = 0, size: tuple[int, int] | None = None,
+             cmap: str = DEFAULT_CMAP, normalize: Normalization = "per_concept") -> Image.Image:
+    """One concept's map as a coloured RGB image, optionally resized (bilinear) to ``size``."""
+    values = _normalized(maps, normalize)[batch_index, maps.index(concept)]
+    if values.dim() != 2:
+        raise ValueError("to_pil works on image maps; select a frame of video maps first")
+    if size is not None:
+        values = upsample(values, size)
+    return Image.fromarray(colorize(values, cmap))
+
+
+@register_view("overlay")
+def overlay(maps: ConceptMaps, image: Image.Image | np.ndarray | torch.Tensor, concept: str | int,
+            batch_index: int = 0, alpha: float = 0.8, cmap: str = DEFAULT_CMAP,
+            normalize: Normalization = "per_concept") -> Image.Image:
+    """The concept's heat map, bilinearly upsampled to the image size, blended over the image.
+
+    Opacity grows with the map value (``alpha`` at the peak, ``0.35·alpha`` at the minimum), so
+    the image stays readable where the concept is absent.
+    """
+    base = to_rgb_image(image)
+    values = _normalized(maps, normalize)[batch_index, maps.index(concept)]
+    if values.dim() != 2:
+        raise ValueError("overlay works on image maps; select a frame of video maps first")
+    values = upsample(values, (base.height, base.width)).clamp(0, 1)
+    return blend(base, colorize(values, cmap), alpha, weights=0.35 + 0.65 * values.numpy())
+
+
+def _normalized(maps: ConceptMaps, mode: Normalization) -> torch.Tensor:
+    return normalize(maps.tensor, mode)
+
+
+@register_view("figure")
+def figure(maps: ConceptMaps, image: Image.Image | np.ndarray | torch.Tensor | None = None, *,
+           compare: "ConceptMaps | str | None" = "auto", batch_index: int = 0, alpha: float = 0.8,
+           cmap: str = DEFAULT_CMAP, normalize: Normalization = "per_concept") -> Any:
+    """A matplotlib figure: image, one overlay per concept, argmax segmentation with legend.
+
+    ``compare`` adds a second row: ``"auto"`` shows the raw cross-attention maps of the same run
+    when they were recorded, ``"cross_attention"``/``"value"`` picks one from ``others``, a
+    :class:`ConceptMaps` is drawn as given, ``None`` draws one row. ``normalize``:
+    ``per_concept`` or ``global`` colour scaling.
+    """
+    if maps.tensor.dim() != 4:
+        raise ValueError("figure() draws image maps; select frames of video maps first")
+    image = image if image is not None else maps.image
+    if image is None:
+        raise ValueError("figure() needs the image: pass it or use maps with .image set")
+    if compare == "auto":
+        compare = maps.default_compare()
+    elif isinstance(compare, str):
+        if compare not in maps.others:
+            raise ValueError(f"no {compare!r} maps recorded; available: {sorted(maps.others)}")
+        compare = maps.others[compare]
+    return concept_figure(maps, to_rgb_image(image), compare=compare, batch_index=batch_index, alpha=alpha,
+                          cmap=cmap, normalize_mode=normalize)
+
+
+@register_view("png")
+def figure_png(maps: ConceptMaps) -> bytes | None:
+    """The figure as PNG bytes (what Jupyter shows for a ConceptMaps), or None without an image."""
+    if maps.image is None or maps.tensor.dim() != 4:
+        return None
+    import matplotlib.pyplot as plt
+
+    drawn = figure(maps)
+    buffer = io.BytesIO()
+    drawn.savefig(buffer, format="png", dpi=80)
+    plt.close(drawn)
+    return buffer.getvalue()

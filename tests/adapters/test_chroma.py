@@ -8,9 +8,10 @@ import torch
 
 import tiny_sd3_chroma as tiny
 from concept_attention import ConceptAttention
+from contract import AdapterContract
 from helpers import (
-    assert_matches_oracle, captured_streams, check_explain_and_cli, concept_embeds, fused_qkv_runs,
-    isolation_mask, oracle_from_captured, record_maps, snapshot, with_concepts_appended,
+    assert_matches_oracle, captured_streams, check_explain_and_cli, concept_embeds, isolation_mask,
+    oracle_from_captured, record_maps, snapshot, with_concepts_appended,
 )
 from helpers import one_thread  # noqa: F401  (autouse: tiny matmuls on two busy cores are ~100x faster single-threaded)
 
@@ -59,9 +60,39 @@ def oracle_maps(transformer, inputs, embeds, layers, softmax=True, space="output
     return oracle_from_captured(captured, embeds, layers, softmax=softmax, space=space)
 
 
-# ---------------------------------------------------------------- 1. exactness
+# ---------------------------------------------------------------- 1. conformance suite
+class ChromaCase:
+    """Tiny Chroma models: a T5 padding mask in the bare inputs, sequential CFG in the pipeline."""
+
+    oracle_spaces = ("output", "value")
+    pipeline_grid = (8, 12)
+
+    def make_transformer(self, seed):
+        return tiny.chroma_transformer(seed=seed)
+
+    def make_inputs(self, transformer, seed):
+        return tiny.chroma_inputs(transformer, seed=seed)
+
+    def expected_grid(self, inputs):
+        return (4, 6)
+
+    def oracle(self, transformer, inputs, embeds, layers, softmax, space):
+        return oracle_maps(transformer, inputs, embeds, layers, softmax, space)
+
+    def make_pipeline(self):
+        return tiny.chroma_pipeline(seed=0)
+
+    def run_pipeline(self, pipe, guidance, negative="a cat", prompt="a dog by a tree", steps=2):
+        return tiny.generate(pipe, prompt, guidance_scale=4.0 if guidance else 1.0, negative_prompt=negative,
+                             height=32, width=48, num_inference_steps=steps)
+
+
+class TestChroma(ChromaCase, AdapterContract):
+    pass
+
+
 @pytest.mark.parametrize("guidance", [5.0, 1.0])
-def test_pipeline_output_is_bit_identical(chroma_pipe, guidance):
+def test_pipeline_with_padded_prompts_is_bit_identical(chroma_pipe, guidance):
     prompts = ["a dog", "a red car in the sky"]  # different lengths: a padding mask per row
     plain = tiny.generate(chroma_pipe, prompts, guidance_scale=guidance, height=32, width=48)
     with ConceptAttention(chroma_pipe, CONCEPTS) as ca:
@@ -119,27 +150,6 @@ def test_modulation_options_coincide():
     assert torch.equal(maps[0], maps[1])
 
 
-# ---------------------------------------------------------------- 3. sequential CFG
-def test_sequential_cfg_reads_the_first_call_per_timestep(chroma_pipe):
-    runs = []
-    for negative in ("a cat", "grass and sky"):
-        with ConceptAttention(chroma_pipe, CONCEPTS, timesteps=[0]) as ca:
-            tiny.generate(chroma_pipe, negative_prompt=negative, guidance_scale=4.0, num_inference_steps=3)
-        runs.append(ca)
-    assert runs[0].steps == [0]
-    assert torch.allclose(runs[0].maps.tensor, runs[1].maps.tensor, atol=1e-6)
-    with ConceptAttention(chroma_pipe, CONCEPTS, timesteps=[0]) as no_cfg:
-        tiny.generate(chroma_pipe, guidance_scale=1.0, num_inference_steps=3)
-    assert torch.allclose(runs[0].maps.tensor, no_cfg.maps.tensor, atol=1e-6)
-    with ConceptAttention(chroma_pipe, CONCEPTS) as every_step:
-        tiny.generate(chroma_pipe, negative_prompt="a cat", guidance_scale=4.0, num_inference_steps=3)
-    assert every_step.steps == [0, 1, 2]
-    with ConceptAttention(chroma_pipe, CONCEPTS, timesteps=[0]) as other:
-        tiny.generate(chroma_pipe, "a red car in the sky", negative_prompt="a cat", guidance_scale=4.0,
-                      num_inference_steps=3)
-    assert not torch.allclose(other.maps.tensor, runs[0].maps.tensor, atol=1e-4)
-
-
 # ---------------------------------------------------------------- 4. concepts
 def test_concepts_are_encoded_with_the_pipeline_and_keep_word_pieces(chroma_pipe):
     with torch.no_grad():
@@ -152,7 +162,7 @@ def test_concepts_are_encoded_with_the_pipeline_and_keep_word_pieces(chroma_pipe
 
 
 # ---------------------------------------------------------------- 5. restore and errors
-def test_everything_restored_and_unknown_processor_refused():
+def test_modulation_hooks_removed_and_ip_adapter_refused():
     from diffusers.models.transformers.transformer_flux import FluxIPAdapterAttnProcessor
 
     transformer = tiny.chroma_transformer(seed=7)
@@ -177,20 +187,20 @@ def test_explain_and_cli_accept_chroma_pipelines(tmp_path):
     assert generated.meta["family"] == "chroma"
 
 
-def test_fused_qkv_gives_same_maps():
-    transformer = tiny.chroma_transformer(seed=8)
-    inputs = tiny.chroma_inputs(transformer)
-    reference, fused, (watched,), plain = fused_qkv_runs(transformer, inputs, concept_embeds(transformer))
-    assert transformer.transformer_blocks[0].attn.fused_projections
-    assert torch.equal(plain, watched)
-    assert torch.allclose(fused.maps.tensor, reference.maps.tensor, atol=1e-5)
+def test_sequential_cfg_counts_one_step_per_timestep(chroma_pipe):
+    with ConceptAttention(chroma_pipe, CONCEPTS) as every_step:
+        tiny.generate(chroma_pipe, negative_prompt="a cat", guidance_scale=4.0, num_inference_steps=3)
+    assert every_step.steps == [0, 1, 2]
 
 
-def test_session_on_the_bare_transformer_still_reads_the_conditional_call(chroma_pipe):
+def test_session_on_the_bare_transformer_reads_the_conditional_call_when_told(chroma_pipe):
     with ConceptAttention(chroma_pipe, CONCEPTS) as on_pipe:
         tiny.generate(chroma_pipe, negative_prompt="a cat", guidance_scale=4.0)
     embeds = on_pipe.concept_embeds
-    with ConceptAttention(chroma_pipe.transformer, CONCEPTS, concept_embeds=embeds) as on_model:
+    with ConceptAttention(chroma_pipe.transformer, CONCEPTS, concept_embeds=embeds) as unknown:
+        tiny.generate(chroma_pipe, negative_prompt="a cat", guidance_scale=4.0)
+    assert unknown.steps == [0, 1, 2, 3]  # a bare transformer cannot tell the negative prompt's calls apart
+    with ConceptAttention(chroma_pipe.transformer, CONCEPTS, concept_embeds=embeds, cfg="sequential") as on_model:
         tiny.generate(chroma_pipe, negative_prompt="a cat", guidance_scale=4.0)
     assert on_model.steps == [0, 1]
     assert torch.allclose(on_model.maps.tensor, on_pipe.maps.tensor, atol=1e-6)

@@ -9,9 +9,10 @@ from diffusers import Flux2Pipeline
 import tiny_video_flux2 as tv
 from concept_attention import ConceptAttention
 from concept_attention.adapters.flux2 import Flux2Adapter, concept_token_span
+from contract import AdapterContract
 from helpers import (
-    as_tokens, assert_matches_oracle, assert_output_unchanged, captured_streams, concept_embeds, fused_qkv_runs,
-    isolation_mask, oracle_from_captured, with_concepts_appended,
+    as_tokens, assert_matches_oracle, assert_output_unchanged, captured_streams, concept_embeds, isolation_mask,
+    oracle_from_captured, with_concepts_appended,
 )
 
 CONCEPTS = ["dog", "tree", "sky"]
@@ -62,8 +63,45 @@ def oracle_maps(transformer, inputs, embeds, layers, positions, num_map_tokens, 
     return oracle_from_captured(captured, embeds, layers, softmax=softmax, space=space)
 
 
-# ---------------------------------------------------------------- 1. exactness
-def test_klein_pipeline_output_is_bit_identical(klein):
+# ---------------------------------------------------------------- 1. conformance suite
+def own_positions(embeds):
+    """The "own" policy's positions for user-given embeddings: 0..n-1 within each concept."""
+    return [position for embed in embeds for position in range(embed.shape[0])]
+
+
+class Flux2Case:
+    """Tiny FLUX.2 models: 4-axis RoPE in the bare inputs; a non-distilled Klein pipeline with CFG."""
+
+    oracle_spaces = ("output", "value")
+    pipeline_grid = (8, 12)
+
+    def make_transformer(self, seed):
+        return tv.flux2_transformer(seed=seed, guidance=True)
+
+    def make_inputs(self, transformer, seed):
+        return transformer_inputs(transformer, seed=seed)
+
+    def expected_grid(self, inputs):
+        return (4, 6)
+
+    def oracle(self, transformer, inputs, embeds, layers, softmax, space):
+        return oracle_maps(transformer, inputs, embeds, layers, own_positions(embeds), 24, softmax=softmax,
+                           space=space)
+
+    def make_pipeline(self):
+        return tv.flux2_klein_pipeline(is_distilled=False)
+
+    def run_pipeline(self, pipe, guidance, negative="a cat", prompt="a dog by a tree", steps=2):
+        """(Klein's negative prompt is always the empty one: ``negative`` is not used.)"""
+        return tv.flux2_generate(pipe, prompt, guidance_scale=4.0 if guidance else 1.0, height=32, width=48,
+                                 num_inference_steps=steps)
+
+
+class TestFlux2(Flux2Case, AdapterContract):
+    pass
+
+
+def test_distilled_klein_pipeline_output_is_bit_identical(klein):
     plain = tv.flux2_generate(klein, height=32, width=48)
     with ConceptAttention(klein, CONCEPTS) as ca:
         watched = tv.flux2_generate(klein, height=32, width=48)
@@ -172,17 +210,6 @@ def test_span_helper_handles_left_padding():
     assert concept_token_span(ids, mask, template).tolist() == [4, 5]
 
 
-def test_sequential_cfg_reads_the_conditional_call():
-    pipe = tv.flux2_klein_pipeline(is_distilled=False)
-    pipe.set_progress_bar_config(disable=True)
-    with ConceptAttention(pipe, CONCEPTS, timesteps=[0]) as plain:
-        tv.flux2_generate(pipe)
-    with ConceptAttention(pipe, CONCEPTS, timesteps=[0]) as guided:
-        tv.flux2_generate(pipe, guidance_scale=4.0)
-    assert guided.maps.steps == [0]
-    assert torch.allclose(guided.maps.tensor, plain.maps.tensor, atol=1e-6)
-
-
 # ---------------------------------------------------------------- 4. refusals and restore
 def kv_inputs(transformer, references=8, seed=0):
     """Klein KV layout: [reference tokens, generated tokens] for the extract step, generated only after."""
@@ -247,30 +274,11 @@ def test_klein_kv_pipeline_with_reference_image():
     assert ca.maps.tensor.shape == (1, 3, 8, 8) and ca.maps.steps == [0, 1, 2]
 
 
-def test_unknown_processor_is_refused():
-    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
-
-    transformer = tv.flux2_transformer()
-    transformer.transformer_blocks[3].attn.processor = FluxAttnProcessor()
-    with pytest.raises(TypeError, match=r"transformer_blocks\.3\.attn uses FluxAttnProcessor"):
-        with ConceptAttention(transformer, ["a"], concept_embeds=[torch.zeros(1, 48)]):
-            pass
-    assert type(transformer.transformer_blocks[2].attn.processor).__name__ == "Flux2AttnProcessor"
-
-
-def test_fused_qkv_gives_same_maps():
-    transformer = tv.flux2_transformer(seed=13)
-    inputs = transformer_inputs(transformer)
-    reference, fused, (out,), plain = fused_qkv_runs(transformer, inputs, concept_embeds(transformer))
-    assert transformer.transformer_blocks[0].attn.fused_projections
-    assert torch.equal(out, plain)
-    assert torch.allclose(fused.maps.tensor, reference.maps.tensor, atol=1e-5)
-
-
 def test_explain_real_image_matches_a_full_forward(klein):
     from PIL import Image
 
-    from concept_attention.explain import explain
+    from concept_attention.core.contract import ExplainRequest
+    from concept_attention.explanation import explain
 
     picture = Image.new("RGB", (40, 24), (30, 140, 60))
     maps = explain(klein, picture, CONCEPTS, prompt="a dog", num_samples=2, max_sequence_length=32, size=(48, 32))
@@ -278,14 +286,14 @@ def test_explain_real_image_matches_a_full_forward(klein):
     pixels = klein.image_processor.preprocess(picture, height=32, width=48)
     generator = torch.Generator().manual_seed(0)
     session = ConceptAttention(klein, CONCEPTS, max_sequence_length=32)
-    inputs = session.adapter.explain_inputs(klein, pixels, "a dog", 0.5, None, 2, generator, 32)
+    inputs = session.adapter.explain_inputs(ExplainRequest(klein, pixels, "a dog", 0.5, 2, generator, 32))
     with torch.no_grad(), session:
         klein.transformer(**inputs)  # all blocks, no early exit
     assert torch.allclose(maps.tensor, session.maps.tensor.mean(0, keepdim=True), atol=1e-6)
 
 
 def test_generate_helper_runs_flux2_pipelines(klein):
-    from concept_attention.generate import generate
+    from concept_attention.generation import generate
 
     klein.concept_attention_defaults = {"max_sequence_length": 32}
     try:

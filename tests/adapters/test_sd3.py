@@ -10,9 +10,10 @@ import torch
 
 import tiny_sd3_chroma as tiny
 from concept_attention import ConceptAttention
+from contract import AdapterContract
 from helpers import (
-    as_tokens, assert_output_unchanged, assert_restored, check_explain_and_cli, concept_embeds, fused_qkv_runs,
-    grouped_scores, record_maps, snapshot,
+    as_tokens, assert_output_unchanged, check_explain_and_cli, concept_embeds, fused_qkv_runs, grouped_scores,
+    record_maps,
 )
 from helpers import one_thread  # noqa: F401  (autouse: tiny matmuls on two busy cores are ~100x faster single-threaded)
 
@@ -113,18 +114,35 @@ def oracle_maps(transformer, inputs, embeds, layers, modulation="prompt", softma
     return torch.stack(per_layer).mean(0)
 
 
-# ---------------------------------------------------------------- 1. exactness
-@pytest.mark.parametrize("guidance", [7.0, 1.0])
-def test_sd3_pipeline_output_is_bit_identical_with_and_without_cfg(sd3_pipe, guidance):
-    plain = tiny.generate(sd3_pipe, guidance_scale=guidance, height=32, width=48)
-    with ConceptAttention(sd3_pipe, CONCEPTS) as ca:
-        watched = tiny.generate(sd3_pipe, guidance_scale=guidance, height=32, width=48)
-    assert torch.equal(plain, watched)
-    maps = ca.maps
-    assert maps.tensor.shape == (1, 3, 8, 12)  # conditional half only
-    assert maps.steps == [0, 1] and len(maps.timesteps) == 2
-    assert torch.allclose(maps.tensor.sum(1), torch.ones(1, 8, 12), atol=1e-5)
-    assert maps.meta["family"] == "sd3"
+# ---------------------------------------------------------------- 1. conformance suite
+class SD3Case:
+    """Tiny SD3 transformer (SD3.5's qk-norm and attn2 have their own tests); pipeline with batched CFG."""
+
+    oracle_options = {"concept_modulation": "prompt"}
+    pipeline_grid = (8, 12)
+
+    def make_transformer(self, seed):
+        return tiny.sd3_transformer(seed=seed)
+
+    def make_inputs(self, transformer, seed):
+        return tiny.sd3_inputs(transformer, seed=seed)
+
+    def expected_grid(self, inputs):
+        return (4, 6)
+
+    def oracle(self, transformer, inputs, embeds, layers, softmax, space):
+        return oracle_maps(transformer, inputs, embeds, layers, modulation="prompt", softmax=softmax)
+
+    def make_pipeline(self):
+        return tiny.sd3_pipeline(seed=0)
+
+    def run_pipeline(self, pipe, guidance, negative="a cat", prompt="a dog by a tree", steps=2):
+        return tiny.generate(pipe, prompt, guidance_scale=7.0 if guidance else 1.0, negative_prompt=negative,
+                             height=32, width=48, num_inference_steps=steps)
+
+
+class TestSD3(SD3Case, AdapterContract):
+    pass
 
 
 def test_sd35_pipeline_with_dual_attention_and_qk_norm_is_bit_identical(sd35_pipe):
@@ -139,13 +157,6 @@ def test_sd35_pipeline_with_dual_attention_and_qk_norm_is_bit_identical(sd35_pip
     assert torch.equal(plain, watched)
     assert ca.maps.tensor.shape == (2, 3, 8, 8)
     assert not torch.allclose(ca.maps.tensor[0], ca.maps.tensor[1])
-
-
-def test_bare_transformer_output_is_bit_identical():
-    transformer = tiny.sd3_transformer(seed=2, qk_norm="rms_norm", dual_attention_layers=(0,))
-    inputs = tiny.sd3_inputs(transformer)
-    ca = assert_output_unchanged(transformer, inputs)
-    assert ca.maps.tensor.shape == (2, 3, 4, 6)
 
 
 # ---------------------------------------------------------------- 2. oracle
@@ -187,24 +198,6 @@ def test_zero_modulation_uses_zero_pooled_vector():
     assert torch.allclose(run("zero", zero), run("prompt", zero), atol=1e-6)
     real = inputs["pooled_projections"]
     assert not torch.allclose(run("zero", real), run("prompt", real), atol=1e-4)
-
-
-# ---------------------------------------------------------------- 3. batched CFG
-def test_batched_cfg_maps_come_from_the_conditional_half(sd3_pipe):
-    runs = []
-    for negative in ("a cat", "grass and sky"):
-        with ConceptAttention(sd3_pipe, CONCEPTS, timesteps=[0]) as ca:
-            tiny.generate(sd3_pipe, negative_prompt=negative, guidance_scale=5.0)
-        runs.append(ca.maps.tensor)
-    assert runs[0].shape[0] == 1
-    assert torch.allclose(runs[0], runs[1], atol=1e-6)
-    # the same conditional row without CFG (batch 1) gives the same maps at the first step
-    with ConceptAttention(sd3_pipe, CONCEPTS, timesteps=[0]) as no_cfg:
-        tiny.generate(sd3_pipe, guidance_scale=1.0)
-    assert torch.allclose(runs[0], no_cfg.maps.tensor, atol=1e-5)
-    with ConceptAttention(sd3_pipe, CONCEPTS, timesteps=[0]) as other:
-        tiny.generate(sd3_pipe, "a red car in the sky", negative_prompt="a cat", guidance_scale=5.0)
-    assert not torch.allclose(other.maps.tensor, runs[0], atol=1e-4)
 
 
 # ---------------------------------------------------------------- 4. skip layers
@@ -312,45 +305,6 @@ def test_pipeline_without_t5():
         ConceptAttention(pipe, CONCEPTS)
 
 
-# ---------------------------------------------------------------- 7. restore and errors
-def test_everything_restored_after_exit_and_exception():
-    transformer = tiny.sd3_transformer(seed=10, qk_norm="rms_norm", dual_attention_layers=(0,))
-    inputs = tiny.sd3_inputs(transformer)
-    before = snapshot(transformer)
-    with torch.no_grad(), ConceptAttention(transformer, ["a", "b", "c"], concept_embeds=concept_embeds(transformer)):
-        transformer(**inputs)
-    assert_restored(transformer, before)
-
-    class Boom(Exception):
-        pass
-
-    def explode(module, args):
-        raise Boom("raised inside the model")
-
-    handle = transformer.transformer_blocks[1].register_forward_pre_hook(explode)
-    before = snapshot(transformer)
-    with pytest.raises(Boom), torch.no_grad():
-        with ConceptAttention(transformer, ["a", "b", "c"], concept_embeds=concept_embeds(transformer)):
-            transformer(**inputs)
-    handle.remove()
-    before[1]["transformer_blocks.1"][1].clear()
-    assert_restored(transformer, before)
-
-
-def test_unknown_processor_refused():
-    from diffusers.models.attention_processor import AttnProcessor2_0
-
-    transformer = tiny.sd3_transformer(seed=11)
-    transformer.transformer_blocks[1].attn.processor = AttnProcessor2_0()
-    before = snapshot(transformer)
-    with pytest.raises(TypeError, match=r"transformer_blocks\.1\.attn uses AttnProcessor2_0"):
-        with ConceptAttention(transformer, ["a"], concept_embeds=[torch.zeros(1, 32)]):
-            pass
-    assert_restored(transformer, before)
-    with pytest.raises(ValueError, match=r"expected \(tokens, 32\)"):
-        ConceptAttention(transformer, ["a"], concept_embeds=[torch.zeros(1, 7)])
-
-
 # ---------------------------------------------------------------- 8. explain, generate, CLI
 def test_explain_and_cli_accept_sd3_pipelines(tmp_path):
     generated = check_explain_and_cli(tiny.sd3_pipeline(seed=4), tmp_path, {"sd3_concept_tokens": "both"})
@@ -358,11 +312,27 @@ def test_explain_and_cli_accept_sd3_pipelines(tmp_path):
     assert generated.meta["concept_tokens"] == [2, 2]  # "both": CLIP row + T5 row per word
 
 
-def test_session_on_the_bare_transformer_still_reads_the_conditional_half(sd3_pipe):
+def test_session_on_the_bare_transformer_reads_the_conditional_half_when_told(sd3_pipe):
     with ConceptAttention(sd3_pipe, CONCEPTS, timesteps=[0]) as on_pipe:
         tiny.generate(sd3_pipe, guidance_scale=5.0)
     embeds = on_pipe.concept_embeds
-    with ConceptAttention(sd3_pipe.transformer, CONCEPTS, concept_embeds=embeds, timesteps=[0]) as on_model:
+    with ConceptAttention(sd3_pipe.transformer, CONCEPTS, concept_embeds=embeds, timesteps=[0]) as unknown:
+        tiny.generate(sd3_pipe, guidance_scale=5.0)
+    assert unknown.maps.tensor.shape[0] == 2  # a bare transformer cannot know the batch is [uncond, cond]
+    with ConceptAttention(sd3_pipe.transformer, CONCEPTS, concept_embeds=embeds, timesteps=[0],
+                          cfg="batched") as on_model:
         tiny.generate(sd3_pipe, guidance_scale=5.0)
     assert on_model.maps.tensor.shape == (1, 3, 8, 8)
     assert torch.allclose(on_model.maps.tensor, on_pipe.maps.tensor, atol=1e-6)
+
+
+def test_processor_of_another_kind_refused():
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    transformer = tiny.sd3_transformer(seed=11)
+    transformer.transformer_blocks[1].attn.processor = AttnProcessor2_0()
+    with pytest.raises(TypeError, match=r"transformer_blocks\.1\.attn uses AttnProcessor2_0"):
+        with ConceptAttention(transformer, ["a"], concept_embeds=[torch.zeros(1, 32)]):
+            pass
+    with pytest.raises(ValueError, match=r"expected \(tokens, 32\)"):
+        ConceptAttention(transformer, ["a"], concept_embeds=[torch.zeros(1, 7)])

@@ -41,11 +41,13 @@ def embedded_server():
     demo.close()
 
 
-def test_clean_concepts():
-    assert clean_concepts(["dog", "sky, tree", "Dog"]) == ["dog", "sky", "tree"]
+def test_clean_concepts_follow_the_rule_of_every_front_end():
+    assert clean_concepts(["dog", "sky, tree"]) == ["dog", "sky", "tree"]
     with pytest.raises(UserInputError, match="at least one"):
         clean_concepts([" "])
-    with pytest.raises(UserInputError, match=f"At most {MAX_CONCEPTS}"):
+    with pytest.raises(UserInputError, match="duplicate concept 'Dog'"):  # as the CLI and the API refuse it
+        clean_concepts(["dog", "Dog"])
+    with pytest.raises(UserInputError, match=f"at most {MAX_CONCEPTS}"):
         clean_concepts([f"c{i}" for i in range(MAX_CONCEPTS + 1)])
 
 
@@ -88,7 +90,7 @@ def test_concurrent_api_requests(server, tmp_path):
     for i, status, payload in outcomes:
         if i % 5 == 4:
             assert status == "error", (i, status)
-            assert any(s in payload for s in ("at least one concept", "At most", "Cannot use this upload",
+            assert any(s in payload for s in ("at least one concept", "at most", "Cannot use this upload",
                                               "multiples of")), payload
             assert "Traceback" not in payload
         else:

@@ -13,7 +13,8 @@ from PIL import Image
 import tiny_video_flux2 as tv
 from concept_attention import video
 from concept_attention.app import ConceptApp, UserInputError, build_app
-from concept_attention.generate import checked_num_frames, generate
+from concept_attention.generation import generate
+from concept_attention.options import checked_num_frames
 
 CONCEPTS = ["dog", "tree", "sky"]
 

@@ -1,6 +1,5 @@
 """The embedded model's training script: resumable, sticky recipe, binding objective, compact checkpoint, export."""
 import csv
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +13,7 @@ VAE = ROOT / "checkpoints" / "embedded" / "vae"
 
 @pytest.fixture(scope="module")
 def train_module():
-    sys.path.insert(0, str(ROOT / "scripts"))
-    yield load_script("scripts/train_embedded.py", "train_embedded")
-    sys.path.remove(str(ROOT / "scripts"))
+    return load_script("scripts/train_embedded.py", "train_embedded")
 
 
 def run(module, ckpt_dir, *extra):

@@ -1,10 +1,23 @@
-"""Model-family adapters. Importing this package registers every built-in adapter."""
+"""Model-family adapters, one module per family; importing this package registers every one of them.
 
-from .base import ModelAdapter, register_adapter, resolve_adapter, supported_transformers
-from . import flux  # noqa: F401  (registers FluxAdapter)
-from . import flux2  # noqa: F401  (registers Flux2Adapter)
-from . import cogvideox  # noqa: F401  (registers CogVideoXAdapter)
-from . import sd3  # noqa: F401  (registers SD3Adapter)
-from . import chroma  # noqa: F401  (registers ChromaAdapter)
+Each family module defines a :class:`~concept_attention.core.contract.ModelAdapter` subclass decorated
+with :func:`~concept_attention.core.contract.register_adapter`. Modules are found by listing this
+package, so adding a family is adding its file (see ``docs/adding-a-family.md``).
+"""
 
-__all__ = ["ModelAdapter", "register_adapter", "resolve_adapter", "supported_transformers"]
+import importlib
+import pkgutil
+
+from ..core.contract import (
+    ModelAdapter, VideoAdapter, register_adapter, registered_adapters, resolve_adapter, supported_transformers,
+)
+
+SHARED_MODULES = frozenset({"common", "encoding", "wrapping"})
+"""Helpers several families use; every other module of this package is a family."""
+
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name not in SHARED_MODULES and not _module.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_module.name}")
+
+__all__ = ["ModelAdapter", "VideoAdapter", "register_adapter", "registered_adapters", "resolve_adapter",
+           "supported_transformers"]

@@ -14,9 +14,9 @@ differs from FLUX.1:
   ``(B, 1, S, S)``; it reaches only the wrapped processor. Concept queries attend to
   ``[image keys; concept keys]`` without any mask.
 * **Sequential CFG without ``cache_context``.** ``ChromaPipeline`` calls the transformer for the
-  prompt first and then for the negative prompt at the same timestep. Inside a running pipeline
-  the first call per timestep is the conditional one; direct transformer calls (a bare model,
-  ``explain``) are all conditional.
+  prompt first and then for the negative prompt at the same timestep: while the session's
+  ``ChromaPipeline`` runs with guidance (``guidance_scale > 1``), the layout is ``"sequential"``
+  (the first call per timestep is the conditional one); other calls are all conditional.
 * **Concepts** are encoded alone with the pipeline's ``encode_prompt`` (T5 with its attention
   mask, as Chroma encodes prompts); the rows of the concept's word pieces are kept (no ``</s>``
   or padding).
@@ -25,17 +25,15 @@ differs from FLUX.1:
 from __future__ import annotations
 
 import inspect
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
-from .base import register_adapter, running_pipeline
+from ..core.contract import ExplainRequest, Recorder, register_adapter
+from .common import full_timestep, guidance_scale
 from .encoding import select_rows, sequence_length, word_positions
-from .flux import FluxAdapter
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ..core.session import CallState, ConceptAttention
+from .flux import FluxAdapter, FluxConceptProcessor, _known_processor_classes
 
 
 @register_adapter
@@ -45,92 +43,49 @@ class ChromaAdapter(FluxAdapter):
     family = "chroma"
     transformer_class_names = ("ChromaTransformer2DModel",)
 
-    def __init__(self, transformer: nn.Module) -> None:
-        super().__init__(transformer)
-        self._previous_timestep: float | None = None
+    def pipeline_cfg(self, pipeline: Any, call_arguments: inspect.BoundArguments) -> str:
+        """``ChromaPipeline`` runs the prompt, then the negative prompt, at each timestep (no cache context)."""
+        return "sequential" if guidance_scale(call_arguments, "guidance_scale") > 1 else "none"
 
     # ------------------------------------------------------------------ concepts
-    def encode_concepts(
-        self, pipeline: Any, concepts: Sequence[str], max_sequence_length: int | None
-    ) -> list[torch.Tensor]:
-        tokenizer = getattr(pipeline, "tokenizer", None)
-        encoder = getattr(pipeline, "text_encoder", None)
+    def encode_concepts(self, pipeline: Any, concepts: Sequence[str], max_sequence_length: int | None
+                        ) -> list[torch.Tensor]:
+        tokenizer, encoder = getattr(pipeline, "tokenizer", None), getattr(pipeline, "text_encoder", None)
         if tokenizer is None or encoder is None or not hasattr(pipeline, "encode_prompt"):
-            raise TypeError(
-                f"{type(pipeline).__name__} has no T5 prompt encoder (tokenizer/text_encoder); pass "
-                "concept_embeds=[...] to encode concepts yourself"
-            )
+            raise TypeError(f"{type(pipeline).__name__} has no T5 prompt encoder (tokenizer/text_encoder); pass "
+                            "concept_embeds=[...] to encode concepts yourself")
         length = sequence_length(pipeline, max_sequence_length, 512)
         with torch.no_grad():
-            embeds = pipeline.encode_prompt(
-                prompt=list(concepts), device=pipeline._execution_device, num_images_per_prompt=1,
-                do_classifier_free_guidance=False, max_sequence_length=length,
-            )[0]
+            embeds = pipeline.encode_prompt(prompt=list(concepts), device=pipeline._execution_device,
+                                            num_images_per_prompt=1, do_classifier_free_guidance=False,
+                                            max_sequence_length=length)[0]
         return select_rows(concepts, embeds, word_positions(tokenizer, concepts, length))
 
     # ------------------------------------------------------------------ real images
-    def explain_inputs(
-        self,
-        pipeline: Any,
-        pixels: torch.Tensor,
-        prompt: str,
-        timestep: float,
-        noise: torch.Tensor | None,
-        num_samples: int,
-        generator: torch.Generator,
-        max_sequence_length: int | None,
-    ) -> dict[str, Any]:
-        transformer = self.transformer
-        device, dtype = transformer.device, transformer.dtype
-        packed, image_ids = self.packed_latents(pipeline, pixels, timestep, noise, num_samples, generator)
-        batch = packed.shape[0]
-        length = sequence_length(pipeline, max_sequence_length, 512)
+    def explain_inputs(self, request: ExplainRequest) -> dict[str, Any]:
+        pipeline, transformer = request.pipeline, self.transformer
+        packed, image_ids = self.packed_latents(request)
         with torch.no_grad():
             prompt_embeds, text_ids, mask = pipeline.encode_prompt(
-                prompt=prompt, device=device, num_images_per_prompt=num_samples,
-                do_classifier_free_guidance=False, max_sequence_length=length,
-            )[:3]
-        mask = pipeline._prepare_attention_mask(batch, packed.shape[1], dtype, mask)
-        return {
-            "hidden_states": packed,
-            "encoder_hidden_states": prompt_embeds.to(dtype),
-            "timestep": torch.full((batch,), float(timestep), device=device, dtype=dtype),
-            "img_ids": image_ids,
-            "txt_ids": text_ids,
-            "attention_mask": mask,
-            "return_dict": False,
-        }
-
-    # ------------------------------------------------------------------ calls
-    def is_conditional_call(self, bound: inspect.BoundArguments, context_name: str | None) -> bool:
-        if context_name is not None:
-            return super().is_conditional_call(bound, context_name)
-        pipeline = running_pipeline(self.transformer)
-        if pipeline is None or not bool(getattr(pipeline, "do_classifier_free_guidance", False)):
-            self._previous_timestep = None
-            return True
-        timestep = bound.arguments.get("timestep")
-        value = float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else timestep
-        first = value != self._previous_timestep  # cond first, then uncond at the same timestep
-        self._previous_timestep = value
-        return first
-
-    def begin_call(self, bound: inspect.BoundArguments, call: "CallState") -> None:
-        super().begin_call(bound, call)
-        call.extras.pop("concept_temb", None)  # set per block from the block's text modulation
-
-    def _on_time_embedding(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        """Chroma's time embedding is not a modulation vector; see :meth:`_on_text_modulation`."""
+                prompt=request.prompt, device=transformer.device, num_images_per_prompt=request.num_samples,
+                do_classifier_free_guidance=False,
+                max_sequence_length=sequence_length(pipeline, request.max_sequence_length, 512))[:3]
+        mask = pipeline._prepare_attention_mask(packed.shape[0], packed.shape[1], transformer.dtype, mask)
+        return {"hidden_states": packed, "encoder_hidden_states": prompt_embeds.to(transformer.dtype),
+                "timestep": full_timestep(request, self), "img_ids": image_ids, "txt_ids": text_ids,
+                "attention_mask": mask, "return_dict": False}
 
     def _on_text_modulation(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """The block's text slice of Chroma's modulation table, as its ``norm1_context`` receives it."""
         call = self.current_call
         if call is not None:
-            call.extras["concept_temb"] = kwargs["emb"] if "emb" in kwargs else args[-1]
+            call.modulation = kwargs["emb"] if "emb" in kwargs else args[-1]
 
     # ------------------------------------------------------------------ install
-    def install(self, session: "ConceptAttention", blocks: Sequence[int]) -> None:
-        self._previous_timestep = None
-        super().install(session, blocks)
+    def install(self, recorder: Recorder, blocks: Sequence[int]) -> None:
+        self.attach(recorder)
+        self.wrap_processors(blocks, "attn", _known_processor_classes(),
+                             lambda original, block, index: FluxConceptProcessor(original, block, index, recorder))
         for index in blocks:
             norm = self.dual_blocks[index].norm1_context
             handle = norm.register_forward_pre_hook(self._on_text_modulation, with_kwargs=True)

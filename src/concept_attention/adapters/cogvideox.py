@@ -14,11 +14,9 @@ The joint order is ``[text, video]`` and a block returns ``(video, text)``. Maps
 token grid ``(frames, h, w)`` (``frames`` = latent frames, divided by ``patch_size_t`` for 1.5), so
 ``ConceptMaps.tensor`` is ``(batch, concepts, frames, h, w)``.
 
-**Classifier-free guidance.** The pipeline runs one batched call ``[uncond, cond]`` inside
-``cache_context("cond_uncond")``; maps are read from the conditional half. :attr:`CogVideoXAdapter.
-batched_cfg` = ``None`` (default) detects that batch: the two halves of ``hidden_states`` are equal
-and those of ``encoder_hidden_states`` differ (outside an ``"uncond"`` context name this also
-applies to a bare transformer called that way); ``True``/``False`` force it.
+**Classifier-free guidance.** With ``guidance_scale > 1`` the pipeline runs one batched call
+``[uncond, cond]``: while the session's pipeline runs, the layout is ``"batched"`` and maps are read
+from the conditional half. A bare transformer called that way needs ``ConceptAttention(cfg="batched")``.
 
 **Memory.** Only running sums of maps are kept; the video keys/values/outputs of a block are
 referenced for the duration of that block's attention call and released right after.
@@ -34,17 +32,15 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
-from .base import ModelAdapter, register_adapter, timestep_value
+from ..core.contract import CallState, Recorder, VideoAdapter, register_adapter
+from .common import guidance_scale, timestep_value
 from .encoding import encode_with_t5, sequence_length
-from .wrapping import Capture, WrappingProcessor
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ..core.session import CallState, ConceptAttention
+from .wrapping import Capture, Update, WrappingProcessor
 
 
 COGVIDEOX_15_SHORT_SIDE = 768
@@ -95,14 +91,8 @@ class CogVideoXConceptProcessor(WrappingProcessor):
     capture_class = _VideoCapture
 
     # diffusers filters attention kwargs by this signature: keep it identical to CogVideoXAttnProcessor2_0.
-    def __call__(
-        self,
-        attn: nn.Module,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        image_rotary_emb: Any = None,
-    ) -> Any:
+    def __call__(self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                 attention_mask: torch.Tensor | None = None, image_rotary_emb: Any = None) -> Any:
         return self._run(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
 
     def hook(self, attn: nn.Module) -> None:
@@ -132,38 +122,32 @@ class CogVideoXConceptProcessor(WrappingProcessor):
             video = apply_rotary_emb(video, rotary)
         return video.transpose(1, 2)
 
-    def _concept_step(
-        self, attn: nn.Module, call: "CallState", text_len: int, attention_mask: Any, rotary: Any
-    ) -> None:
-        block, session = self.block, self.session
+    def _concept_step(self, attn: nn.Module, call: CallState, text_len: int, attention_mask: Any,
+                      rotary: Any) -> Update:
+        block, concepts, heads = self.block, call.concepts, attn.heads
         joint_key, joint_value, joint_output = self.captured()
-        heads = attn.heads
         image_key = self._video_keys(joint_key, text_len, rotary)
         image_value = joint_value[:, text_len:].unflatten(-1, (heads, -1))
         image_output = joint_output[:, text_len:].unflatten(-1, (heads, -1))
+        _, normed, _, gate_msa = block.norm1(concepts, concepts, call.modulation)
+        query, key, value = (proj(normed).unflatten(-1, (heads, -1)) for proj in (attn.to_q, attn.to_k, attn.to_v))
+        query = attn.norm_q(query) if attn.norm_q is not None else query
+        key = attn.norm_k(key) if attn.norm_k is not None else key
+        output = self.recorder.attend_and_record(self.block_index, query, key, value, image_key, image_value,
+                                                 image_output)
+        attended = attn.to_out[1](attn.to_out[0](output.flatten(2).to(concepts.dtype)))
+        return lambda: self._update(concepts, attended, gate_msa, call.modulation)
 
-        concepts = call.concepts
-        temb = call.extras["temb"]
-        _, normed, _, gate_msa = block.norm1(concepts, concepts, temb)
-        query = attn.to_q(normed).unflatten(-1, (heads, -1))
-        key = attn.to_k(normed).unflatten(-1, (heads, -1))
-        value = attn.to_v(normed).unflatten(-1, (heads, -1))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        concept_output = session.attend_and_record(
-            self.block_index, query, key, value, image_key, image_value, image_output
-        )
-        # Residual update with the shared weights and the text (enc_*) modulation.
-        attended = attn.to_out[1](attn.to_out[0](concept_output.flatten(2).to(concepts.dtype)))
+    def _update(self, concepts: torch.Tensor, attended: torch.Tensor, gate_msa: torch.Tensor,
+                temb: torch.Tensor) -> torch.Tensor:
+        """The residual update with the shared weights; ``norm2`` gives the text (``enc_*``) modulation and gate."""
         concepts = concepts + gate_msa * attended
-        _, normed, _, gate_ff = block.norm2(concepts, concepts, temb)
-        call.concepts = concepts + gate_ff * block.ff(normed)
+        _, normed, _, gate_ff = self.block.norm2(concepts, concepts, temb)
+        return concepts + gate_ff * self.block.ff(normed)
 
 
 @register_adapter
-class CogVideoXAdapter(ModelAdapter):
+class CogVideoXAdapter(VideoAdapter):
     """CogVideoX 2B / 5B / 1.5 (``CogVideoXTransformer3DModel``) text-to-video."""
 
     family = "cogvideox"
@@ -171,29 +155,14 @@ class CogVideoXAdapter(ModelAdapter):
 
     default_concept_modulation = "prompt"
     """No pooled text vector exists: modulation depends on the timestep only, so both choices agree."""
-    video = True
-
-    batched_cfg: bool | None = None
-    """Whether a call is batched CFG ``[uncond, cond]``: None = detect (module docstring)."""
-
-    def __init__(self, transformer: nn.Module, batched_cfg: bool | None = None) -> None:
-        super().__init__(transformer)
-        if batched_cfg is not None:
-            self.batched_cfg = batched_cfg
-        self._context_name: str | None = None
-
-    @property
-    def dual_blocks(self) -> Sequence[nn.Module]:
-        return self.transformer.transformer_blocks
 
     @property
     def concept_embed_dim(self) -> int:
         return int(self.transformer.config.text_embed_dim)
 
     # ------------------------------------------------------------------ concepts
-    def encode_concepts(
-        self, pipeline: Any, concepts: Sequence[str], max_sequence_length: int | None
-    ) -> list[torch.Tensor]:
+    def encode_concepts(self, pipeline: Any, concepts: Sequence[str], max_sequence_length: int | None
+                        ) -> list[torch.Tensor]:
         tokenizer = getattr(pipeline, "tokenizer", None)
         encoder = getattr(pipeline, "text_encoder", None)
         if tokenizer is None or encoder is None:
@@ -306,59 +275,33 @@ class CogVideoXAdapter(ModelAdapter):
         return pipeline._prepare_rotary_positional_embeddings(height * scale, width * scale, frames, latents.device)
 
     # ------------------------------------------------------------------ calls
-    def is_conditional_call(self, bound: inspect.BoundArguments, context_name: str | None) -> bool:
-        """Batched ``"cond_uncond"`` calls are conditional (maps from their second half)."""
-        self._context_name = context_name
-        if context_name is None:
-            return True
-        name = context_name.lower()
-        return "uncond" not in name or "cond_uncond" in name
+    def pipeline_cfg(self, pipeline: Any, call_arguments: inspect.BoundArguments) -> str:
+        """CogVideoX pipelines batch ``[uncond, cond]`` when ``guidance_scale > 1``."""
+        return "batched" if guidance_scale(call_arguments, "guidance_scale") > 1 else "none"
 
-    def _is_batched_cfg(self, hidden: torch.Tensor, text: torch.Tensor | None) -> bool:
-        if self.batched_cfg is not None:
-            if self.batched_cfg and hidden.shape[0] % 2:
-                raise ValueError(f"batched_cfg=True needs an even batch, got {hidden.shape[0]}")
-            return bool(self.batched_cfg)
-        batch = hidden.shape[0]
-        if batch % 2 or text is None:
-            return False
-        half = batch // 2
-        return bool(torch.equal(hidden[:half], hidden[half:])) and not bool(torch.equal(text[:half], text[half:]))
-
-    def begin_call(self, bound: inspect.BoundArguments, call: "CallState") -> None:
-        arguments = bound.arguments
-        hidden = arguments.get("hidden_states")
-        text = arguments.get("encoder_hidden_states")
+    def begin_call(self, bound: inspect.BoundArguments, call: CallState) -> None:
+        hidden = bound.arguments.get("hidden_states")
         if hidden is None or hidden.dim() != 5:
             raise ValueError("CogVideoXTransformer3DModel was called without 5-D hidden_states (B, F, C, H, W)")
         config = self.transformer.config
         batch, frames, _, height, width = hidden.shape
         p, p_t = int(config.patch_size), config.patch_size_t
-        grid = (frames if p_t is None else math.ceil(frames / int(p_t)), height // p, width // p)
         call.batch_size = batch
-        call.grid = grid
-        call.num_map_tokens = grid[0] * grid[1] * grid[2]
-        if self._is_batched_cfg(hidden, text):
-            call.map_rows = slice(batch // 2, batch)
-        call.timestep = timestep_value(arguments.get("timestep"), position=-1)
-        call.concepts = self.concept_rows(hidden.dtype, hidden.device).unsqueeze(0).expand(batch, -1, -1)
+        call.grid = (frames if p_t is None else math.ceil(frames / int(p_t)), height // p, width // p)
+        call.num_map_tokens = call.grid[0] * call.grid[1] * call.grid[2]
+        call.timestep = timestep_value(bound.arguments.get("timestep"), position=-1)
 
     def _on_block(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         call = self.current_call
         if call is not None:
-            call.extras["temb"] = kwargs["temb"] if "temb" in kwargs else args[2]
+            call.modulation = kwargs["temb"] if "temb" in kwargs else args[2]
 
     # ------------------------------------------------------------------ install
-    def install(self, session: "ConceptAttention", blocks: Sequence[int]) -> None:
-        self.attach(session)
+    def install(self, recorder: Recorder, blocks: Sequence[int]) -> None:
+        self.attach(recorder)
         self.wrap_processors(
             blocks, "attn1", _known_processor_classes(),
-            lambda original, block, index: CogVideoXConceptProcessor(original, block, index, session),
-        )
+            lambda original, block, index: CogVideoXConceptProcessor(original, block, index, recorder))
         for index in blocks:
             handle = self.dual_blocks[index].register_forward_pre_hook(self._on_block, with_kwargs=True)
             self.on_undo(handle.remove)
-
-    def _forget_session(self) -> None:
-        super()._forget_session()
-        self._context_name = None

@@ -46,18 +46,15 @@ keys/values of each block are appended to the image keys/values the concepts att
 from __future__ import annotations
 
 import inspect
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
-from .base import ModelAdapter, latent_size_rule, register_adapter, timestep_value
+from ..core.contract import CallState, ExplainRequest, ModelAdapter, Recorder, register_adapter
+from .common import flow_noised, full_timestep, grid_from_ids, latent_size_rule, latents_and_image_ids, timestep_value
 from .encoding import call_default, sequence_length
-from .flux import grid_from_ids
-from .wrapping import FluxStyleProcessor
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ..core.session import CallState, ConceptAttention
+from .wrapping import FluxStyleProcessor, Update, modulated, text_stream_update
 
 CONCEPT_POSITION_POLICIES = ("own", "zero")
 
@@ -78,72 +75,51 @@ class Flux2ConceptProcessor(FluxStyleProcessor):
     family_label = "FLUX.2"
 
     # diffusers filters attention kwargs by this signature: keep it identical to Flux2AttnProcessor.
-    def __call__(
-        self,
-        attn: nn.Module,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        image_rotary_emb: Any = None,
-    ) -> Any:
+    def __call__(self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, image_rotary_emb: Any = None) -> Any:
         return self._run(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
 
-    def _concept_step(
-        self, attn: nn.Module, call: "CallState", text_len: int, attention_mask: Any, rotary: Any, **extra: Any
-    ) -> None:
+    def _concept_step(self, attn: nn.Module, call: CallState, text_len: int, attention_mask: Any, rotary: Any,
+                      **extra: Any) -> Update:
         from diffusers.models.embeddings import apply_rotary_emb
         from diffusers.models.transformers.transformer_flux2 import Flux2Modulation
 
-        block, session = self.block, self.session
+        block, concepts = self.block, call.concepts
+        image_key, image_value, image_output = self._image_tokens(attn, call, text_len, rotary, extra)
+        (shift_msa, scale_msa, gate_msa), (shift_mlp, scale_mlp, gate_mlp) = Flux2Modulation.split(call.modulation, 2)
+        query, key, value = self.text_projections(attn, (1 + scale_msa) * block.norm1_context(concepts) + shift_msa)
+        if rotary is not None and call.concept_rotary is not None:
+            query = apply_rotary_emb(query, call.concept_rotary, sequence_dim=1)
+            key = apply_rotary_emb(key, call.concept_rotary, sequence_dim=1)
+        output = self.recorder.attend_and_record(self.block_index, query, key, value, image_key, image_value,
+                                                 image_output)
+        return lambda: text_stream_update(
+            concepts, attn.to_add_out(output.flatten(2).to(concepts.dtype)), gate_msa,
+            modulated(block.norm2_context, shift_mlp, scale_mlp), gate_mlp, block.ff_context)
+
+    def _image_tokens(self, attn: nn.Module, call: CallState, text_len: int, rotary: Any, extra: dict
+                      ) -> tuple[torch.Tensor, ...]:
+        """Image keys/values/outputs with the generated tokens first, plus cached reference keys/values."""
         image_key, image_value, image_output = self.image_activations(attn, text_len, rotary)
-        offset = int(call.extras.get("map_offset", 0))
+        offset = call.map_offset
         if offset:  # reference tokens before the generated ones (KV extract step): generated first
             image_key, image_value, image_output = (
-                torch.cat([t[:, offset:], t[:, :offset]], dim=1) for t in (image_key, image_value, image_output)
-            )
+                torch.cat([t[:, offset:], t[:, :offset]], dim=1) for t in (image_key, image_value, image_output))
         cache = extra.get("kv_cache")
         if extra.get("kv_cache_mode") == "cached" and cache is not None:  # cached reference keys/values
             cached_key, cached_value = cache.get()
             image_key = torch.cat([image_key, cached_key.to(image_key.dtype)], dim=1)
             image_value = torch.cat([image_value, cached_value.to(image_value.dtype)], dim=1)
-
-        concepts = call.concepts
-        (shift_msa, scale_msa, gate_msa), (shift_mlp, scale_mlp, gate_mlp) = Flux2Modulation.split(
-            call.extras["text_modulation"], 2
-        )
-        normed = (1 + scale_msa) * block.norm1_context(concepts) + shift_msa
-        query, key, value = self.text_projections(attn, normed)
-        concept_rotary = call.extras.get("concept_rotary")
-        if rotary is not None and concept_rotary is not None:
-            query = apply_rotary_emb(query, concept_rotary, sequence_dim=1)
-            key = apply_rotary_emb(key, concept_rotary, sequence_dim=1)
-        concept_output = session.attend_and_record(
-            self.block_index, query, key, value, image_key, image_value, image_output
-        )
-        # Residual update of the concept rows with the block's text-stream weights.
-        attended = attn.to_add_out(concept_output.flatten(2).to(concepts.dtype))
-        concepts = concepts + gate_msa * attended
-        normed = block.norm2_context(concepts) * (1 + scale_mlp) + shift_mlp
-        concepts = concepts + gate_mlp * block.ff_context(normed)
-        if concepts.dtype == torch.float16:
-            concepts = concepts.clip(-65504, 65504)
-        call.concepts = concepts
+        return image_key, image_value, image_output
 
 
 class Flux2KVConceptProcessor(Flux2ConceptProcessor):
     """The same wrapper for ``Flux2KVAttnProcessor`` (Klein KV pipelines), keeping its signature."""
 
-    def __call__(  # type: ignore[override]
-        self,
-        attn: nn.Module,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        image_rotary_emb: Any = None,
-        kv_cache: Any = None,
-        kv_cache_mode: str | None = None,
-        num_ref_tokens: int = 0,
-    ) -> Any:
+    def __call__(self, attn: nn.Module, hidden_states: torch.Tensor,  # type: ignore[override]
+                 encoder_hidden_states: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                 image_rotary_emb: Any = None, kv_cache: Any = None, kv_cache_mode: str | None = None,
+                 num_ref_tokens: int = 0) -> Any:
         return self._run(
             attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb,
             kv_cache=kv_cache, kv_cache_mode=kv_cache_mode, num_ref_tokens=num_ref_tokens,
@@ -169,18 +145,9 @@ class Flux2Adapter(ModelAdapter):
             self.concept_positions = concept_positions
         self._encoded_positions: list[torch.Tensor] | None = None
 
-    @property
-    def dual_blocks(self) -> Sequence[nn.Module]:
-        return self.transformer.transformer_blocks
-
-    @property
-    def concept_embed_dim(self) -> int:
-        return int(self.transformer.config.joint_attention_dim)
-
     # ------------------------------------------------------------------ concepts
-    def encode_concepts(
-        self, pipeline: Any, concepts: Sequence[str], max_sequence_length: int | None
-    ) -> list[torch.Tensor]:
+    def encode_concepts(self, pipeline: Any, concepts: Sequence[str], max_sequence_length: int | None
+                        ) -> list[torch.Tensor]:
         encoder = getattr(pipeline, "text_encoder", None)
         if encoder is None or not hasattr(pipeline, "encode_prompt"):
             raise TypeError(
@@ -224,39 +191,25 @@ class Flux2Adapter(ModelAdapter):
     def image_size_rule(self, pipeline: Any) -> tuple[int, int]:
         return latent_size_rule(pipeline, 2)  # 2×2 latent patches (``_encode_vae_image`` patchifies)
 
-    def explain_inputs(
-        self,
-        pipeline: Any,
-        pixels: torch.Tensor,
-        prompt: str,
-        timestep: float,
-        noise: torch.Tensor | None,
-        num_samples: int,
-        generator: torch.Generator,
-        max_sequence_length: int | None,
-    ) -> dict[str, Any]:
-        """Flow-matching noised latents of ``pixels`` (encoded as the pipeline encodes reference images)."""
-        transformer = self.transformer
-        device, dtype = transformer.device, transformer.dtype
+    def explain_inputs(self, request: ExplainRequest) -> dict[str, Any]:
+        """Flow-matching noised latents of the pixels (encoded as the pipeline encodes reference images)."""
+        pipeline, transformer = request.pipeline, self.transformer
         with torch.no_grad():
-            encoded = pipeline._encode_vae_image(pixels.to(device=device, dtype=pipeline.vae.dtype), generator)
-        noised = self.flow_noised(encoded.to(dtype).expand(num_samples, -1, -1, -1), timestep, noise, generator)
-        length = sequence_length(pipeline, max_sequence_length, 512)
+            encoded = pipeline._encode_vae_image(
+                request.pixels.to(device=transformer.device, dtype=pipeline.vae.dtype), request.generator)
+        noised = flow_noised(encoded.to(transformer.dtype), request, self)
         with torch.no_grad():
             prompt_embeds, text_ids = pipeline.encode_prompt(
-                prompt=prompt, device=device, num_images_per_prompt=num_samples, max_sequence_length=length
-            )
-        inputs = {
-            "hidden_states": pipeline._pack_latents(noised),
-            "encoder_hidden_states": prompt_embeds.to(dtype),
-            "timestep": torch.full((num_samples,), float(timestep), device=device, dtype=dtype),
-            "img_ids": pipeline._prepare_latent_ids(noised).to(device),
-            "txt_ids": text_ids,
-            "return_dict": False,
-        }
+                prompt=request.prompt, device=transformer.device, num_images_per_prompt=request.num_samples,
+                max_sequence_length=sequence_length(pipeline, request.max_sequence_length, 512))
+        inputs = {"hidden_states": pipeline._pack_latents(noised),
+                  "encoder_hidden_states": prompt_embeds.to(transformer.dtype), "timestep": full_timestep(request, self),
+                  "img_ids": pipeline._prepare_latent_ids(noised).to(transformer.device), "txt_ids": text_ids,
+                  "return_dict": False}
         if transformer.config.guidance_embeds:
             guidance = call_default(pipeline, "guidance_scale") or 4.0
-            inputs["guidance"] = torch.full((num_samples,), float(guidance), device=device, dtype=torch.float32)
+            inputs["guidance"] = torch.full((request.num_samples,), float(guidance), device=transformer.device,
+                                            dtype=torch.float32)
         return inputs
 
     def _positions(self, sizes: Sequence[int]) -> torch.Tensor:
@@ -279,13 +232,8 @@ class Flux2Adapter(ModelAdapter):
         return torch.cat([torch.arange(int(n)) for n in sizes])
 
     # ------------------------------------------------------------------ calls
-    def begin_call(self, bound: inspect.BoundArguments, call: "CallState") -> None:
-        arguments = bound.arguments
-        hidden = arguments.get("hidden_states")
-        img_ids = arguments.get("img_ids")
-        if hidden is None or img_ids is None:
-            raise ValueError("Flux2Transformer2DModel was called without hidden_states or img_ids")
-        ids = img_ids[0] if img_ids.dim() == 3 else img_ids
+    def begin_call(self, bound: inspect.BoundArguments, call: CallState) -> None:
+        hidden, ids = latents_and_image_ids(bound, self.transformer)
         # Generated latents have t = 0 in every FLUX.2 pipeline, reference images t = 10, 20, ...
         generated = ids[:, 0] == 0
         if not bool(generated.any()):
@@ -295,33 +243,36 @@ class Flux2Adapter(ModelAdapter):
         if int(where[-1]) - start + 1 != count:
             raise ValueError("the generated image's tokens are not contiguous in img_ids")
         call.batch_size = hidden.shape[0]
-        call.grid = grid_from_ids(ids[start : start + count])
+        call.grid = grid_from_ids(ids[start: start + count])
         call.num_map_tokens = count
-        call.extras["map_offset"] = start
-        call.timestep = timestep_value(arguments.get("timestep"))
-        session = self._session
-        assert session is not None
-        call.concepts = self.concept_rows(hidden.dtype, hidden.device).unsqueeze(0).expand(call.batch_size, -1, -1)
-        positions = self._positions(session.groups.sizes).to(ids.device)
+        call.map_offset = start
+        call.timestep = timestep_value(bound.arguments.get("timestep"))
+        call.concept_rotary = self._concept_rotary(ids)
+
+    def _concept_rotary(self, ids: torch.Tensor) -> Any:
+        """RoPE of the concept rows at their text positions (the 4th id axis)."""
+        assert self.recorder is not None
+        positions = self._positions(self._sizes).to(ids.device)
         concept_ids = torch.zeros(positions.shape[0], ids.shape[-1], dtype=ids.dtype, device=ids.device)
         concept_ids[:, -1] = positions.to(ids.dtype)
-        call.extras["concept_rotary"] = self.transformer.pos_embed(concept_ids)
+        return self.transformer.pos_embed(concept_ids)
 
     def _on_text_modulation(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         call = self.current_call
         if call is not None:
-            call.extras["text_modulation"] = output
+            call.modulation = output
 
     # ------------------------------------------------------------------ install
-    def install(self, session: "ConceptAttention", blocks: Sequence[int]) -> None:
+    def install(self, recorder: Recorder, blocks: Sequence[int]) -> None:
         from diffusers.models.transformers.transformer_flux2 import Flux2KVAttnProcessor
 
-        self._positions(session.groups.sizes)  # validate the policy before touching the model
-        self.attach(session)
+        self._sizes = tuple(int(size) for size in recorder.concept_sizes)
+        self._positions(self._sizes)  # validate the policy before touching the model
+        self.attach(recorder)
 
         def make_wrapper(original: Any, block: nn.Module, index: int) -> Flux2ConceptProcessor:
             kind = Flux2KVConceptProcessor if isinstance(original, Flux2KVAttnProcessor) else Flux2ConceptProcessor
-            return kind(original, block, index, session)
+            return kind(original, block, index, recorder)
 
         self.wrap_processors(blocks, "attn", _known_processor_classes(), make_wrapper)
         handle = self.transformer.double_stream_modulation_txt.register_forward_hook(self._on_text_modulation)

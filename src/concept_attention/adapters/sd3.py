@@ -24,19 +24,18 @@ Choices specific to this family:
 * **Concept modulation.** ``"prompt"`` reuses the prompt's ``temb`` (timestep + pooled CLIP
   vector), as the authors' SD3 code does; it is this family's declared default
   (:attr:`SD3Adapter.default_concept_modulation`). ``"zero"`` recomputes ``time_text_embed``
-  with a zero pooled vector. The adapter always follows the session's ``concept_modulation``;
-  a session whose core does not yet resolve an unset option to the family default uses its own
-  default (``"zero"``), so pass ``concept_modulation="prompt"`` to match the authors' SD3 runs.
-* **Batched CFG.** ``StableDiffusion3Pipeline`` runs ``[uncond, cond]`` in one batch. Concept rows
+  with a zero pooled vector. A session without ``concept_modulation`` uses this family default.
+* **Batched CFG.** ``StableDiffusion3Pipeline`` runs ``[uncond, cond]`` in one batch when
+  ``guidance_scale > 1``: while the session's pipeline runs, the layout is ``"batched"``. Concept rows
   run for the whole batch (each half beside its own image); maps are read from the conditional
-  half only. A direct transformer call (not made by a running pipeline) maps every row.
+  half only. Other calls (a bare transformer, ``explain``) map every row unless ``cfg=`` says otherwise.
 * **Last block** (``context_pre_only=True``): ``norm1_context`` is ``AdaLayerNormContinuous``
   (no gates) and there is no ``to_add_out``/text MLP. It still contributes a map from its
   pre-projection concept output; the concept stream ends there.
 * **SD3.5 ``attn2``** (image-only self-attention, same processor object): left untouched; the
   concept processor is installed on ``.attn`` only.
 * **Skip-layer guidance.** The pipeline's extra ``skip_layers`` call is an auxiliary guidance
-  call: it is not mapped and not counted as a step. In a mapped call with ``skip_layers`` (a
+  call (:meth:`SD3Adapter.is_auxiliary_call`): it is not mapped and not counted as a step. In a mapped call with ``skip_layers`` (a
   bare transformer call), skipped blocks skip the concept update too (their processor never runs).
 * **Fused QKV.** Installing after ``fuse_qkv_projections()`` wraps ``FusedJointAttnProcessor2_0``
   (which applies no qk-norm, so neither does the concept stream). Fusing *while installed*
@@ -47,20 +46,17 @@ Choices specific to this family:
 from __future__ import annotations
 
 import inspect
-from typing import TYPE_CHECKING, Any, ClassVar, Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 from torch import nn
 
-from ..loading import pipeline_defaults
-from .base import (
-    ModelAdapter, latent_size_rule, pooled_text_modulation, register_adapter, running_pipeline, timestep_value,
-)
+from ..core.contract import CallState, ExplainRequest, ModelAdapter, Recorder, refuse_unknown, register_adapter
+from ..core.defaults import pipeline_defaults
+from .common import flow_noised, full_timestep, guidance_scale, hook_time_embedding, latent_size_rule, \
+    timestep_value, vae_latents
 from .encoding import select_rows, sequence_length, word_positions
-from .wrapping import Capture, WrappingProcessor
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ..core.session import CallState, ConceptAttention
+from .wrapping import Capture, Update, WrappingProcessor, modulated, text_stream_update
 
 CONCEPT_TOKENS = ("clip", "t5", "both")
 """Values of ``concept_attention_defaults["sd3_concept_tokens"]``."""
@@ -98,20 +94,13 @@ class SD3ConceptProcessor(WrappingProcessor):
     processor_label = "joint attention processor"
     capture_class = _Capture
 
-    def __init__(self, inner: Any, block: nn.Module, block_index: int, session: "ConceptAttention") -> None:
-        super().__init__(inner, block, block_index, session)
+    def __init__(self, inner: Any, block: nn.Module, block_index: int, recorder: Recorder) -> None:
+        super().__init__(inner, block, block_index, recorder)
         self.fused = isinstance(inner, _processor_classes()[1])
 
     # Attention.forward filters kwargs by this signature: keep it identical to JointAttnProcessor2_0.
-    def __call__(
-        self,
-        attn: nn.Module,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        *args: Any,
-        **kwargs: Any,
-    ) -> Any:
+    def __call__(self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
         return self._run(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
 
     def hook(self, attn: nn.Module) -> None:
@@ -130,42 +119,40 @@ class SD3ConceptProcessor(WrappingProcessor):
     def _hook_fused_projection(self, attn: nn.Module) -> None:
         """Nothing to add at call time: :meth:`hook` knew from the processor class whether it is fused."""
 
-    def _concept_step(self, attn: nn.Module, call: "CallState", text_len: int, *args: Any, **kwargs: Any) -> None:
-        block, session = self.block, self.session
+    def _concept_step(self, attn: nn.Module, call: CallState, text_len: int, *args: Any, **kwargs: Any
+                      ) -> Update | None:
+        block, concepts = self.block, call.concepts
+        image_key, image_value, image_output = self._image_activations(attn)
+        if block.context_pre_only:  # last block: no gates, no text output projection or MLP
+            normed = block.norm1_context(concepts, call.modulation)
+        else:
+            normed, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1_context(concepts, emb=call.modulation)
+        query, key, value = self._projections(attn, normed)
+        output = self.recorder.attend_and_record(self.block_index, query, key, value, image_key, image_value,
+                                                 image_output)
+        if block.context_pre_only:
+            return None  # the concept stream ends here
+        return lambda: text_stream_update(
+            concepts, attn.to_add_out(output.flatten(2).to(concepts.dtype)), gate_msa.unsqueeze(1),
+            modulated(block.norm2_context, shift_mlp[:, None], scale_mlp[:, None]), gate_mlp.unsqueeze(1),
+            block.ff_context)
+
+    def _image_activations(self, attn: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Image keys, values and pre-projection outputs, (B, N, H, D)."""
         image_key, image_value, image_output = self.captured()
         heads = attn.heads
-        if self.capture.key_head_major:
-            image_key = image_key.transpose(1, 2)
-        else:
-            image_key = image_key.unflatten(-1, (heads, -1))
-        image_value = image_value.unflatten(-1, (heads, -1))
-        image_output = image_output.unflatten(-1, (heads, -1))
+        image_key = image_key.transpose(1, 2) if self.capture.key_head_major else image_key.unflatten(-1, (heads, -1))
+        return image_key, image_value.unflatten(-1, (heads, -1)), image_output.unflatten(-1, (heads, -1))
 
-        concepts = call.concepts
-        temb = call.extras["concept_temb"]
-        if block.context_pre_only:
-            normed = block.norm1_context(concepts, temb)
-            gate_msa = shift_mlp = scale_mlp = gate_mlp = None
-        else:
-            normed, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1_context(concepts, emb=temb)
-        query = attn.add_q_proj(normed).unflatten(-1, (heads, -1))
-        key = attn.add_k_proj(normed).unflatten(-1, (heads, -1))
-        value = attn.add_v_proj(normed).unflatten(-1, (heads, -1))
+    def _projections(self, attn: nn.Module, normed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Concept queries, keys and values with the text weights; qk-norm as the processor in use applies it."""
+        heads = attn.heads
+        query, key, value = (proj(normed).unflatten(-1, (heads, -1))
+                             for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
         if not self.fused:  # the fused SD3 processor applies no qk-norm; mirror the processor in use
-            if attn.norm_added_q is not None:
-                query = attn.norm_added_q(query)
-            if attn.norm_added_k is not None:
-                key = attn.norm_added_k(key)
-        concept_output = session.attend_and_record(
-            self.block_index, query, key, value, image_key, image_value, image_output
-        )
-        if block.context_pre_only:
-            return  # the last block has no text output projection or MLP: the concept stream ends
-        attended = attn.to_add_out(concept_output.flatten(2).to(concepts.dtype))
-        concepts = concepts + gate_msa.unsqueeze(1) * attended
-        normed = block.norm2_context(concepts) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
-        concepts = concepts + gate_mlp.unsqueeze(1) * block.ff_context(normed)
-        call.concepts = concepts
+            query = attn.norm_added_q(query) if attn.norm_added_q is not None else query
+            key = attn.norm_added_k(key) if attn.norm_added_k is not None else key
+        return query, key, value
 
 
 @register_adapter
@@ -182,14 +169,6 @@ class SD3Adapter(ModelAdapter):
         self._wrappers: dict[int, SD3ConceptProcessor] = {}
         self._all_wrappers: list[SD3ConceptProcessor] = []
 
-    @property
-    def dual_blocks(self) -> Sequence[nn.Module]:
-        return self.transformer.transformer_blocks
-
-    @property
-    def concept_embed_dim(self) -> int:
-        return int(self.transformer.config.joint_attention_dim)
-
     # ------------------------------------------------------------------ concepts
     def concept_tokens(self, pipeline: Any) -> str:
         """The token-row choice for concepts: ``"clip"``, ``"t5"`` or ``"both"``."""
@@ -198,9 +177,8 @@ class SD3Adapter(ModelAdapter):
             raise ValueError(f"sd3_concept_tokens must be one of {', '.join(CONCEPT_TOKENS)}, not {choice!r}")
         return choice
 
-    def encode_concepts(
-        self, pipeline: Any, concepts: Sequence[str], max_sequence_length: int | None
-    ) -> list[torch.Tensor]:
+    def encode_concepts(self, pipeline: Any, concepts: Sequence[str], max_sequence_length: int | None
+                        ) -> list[torch.Tensor]:
         if not hasattr(pipeline, "encode_prompt") or getattr(pipeline, "tokenizer", None) is None:
             raise TypeError(
                 f"{type(pipeline).__name__} has no SD3 prompt encoder; pass concept_embeds=[...] to encode "
@@ -233,45 +211,29 @@ class SD3Adapter(ModelAdapter):
     def image_size_rule(self, pipeline: Any) -> tuple[int, int]:
         return latent_size_rule(pipeline, int(self.transformer.config.patch_size))
 
-    def explain_inputs(
-        self,
-        pipeline: Any,
-        pixels: torch.Tensor,
-        prompt: str,
-        timestep: float,
-        noise: torch.Tensor | None,
-        num_samples: int,
-        generator: torch.Generator,
-        max_sequence_length: int | None,
-    ) -> dict[str, Any]:
-        transformer = self.transformer
-        device, dtype = transformer.device, transformer.dtype
-        noised = self.noised_latents(pipeline, pixels, timestep, noise, num_samples, generator)
-        length = sequence_length(pipeline, max_sequence_length, 256)
+    def explain_inputs(self, request: ExplainRequest) -> dict[str, Any]:
+        pipeline, transformer = request.pipeline, self.transformer
+        noised = flow_noised(vae_latents(request, self), request, self)
         with torch.no_grad():
             prompt_embeds, _, pooled, _ = pipeline.encode_prompt(
-                prompt=prompt, prompt_2=None, prompt_3=None, device=device, num_images_per_prompt=num_samples,
-                do_classifier_free_guidance=False, max_sequence_length=length,
-            )
-        return {
-            "hidden_states": noised,
-            "encoder_hidden_states": prompt_embeds.to(dtype),
-            "pooled_projections": pooled.to(dtype),
-            "timestep": torch.full((num_samples,), float(timestep) * 1000.0, device=device, dtype=dtype),
-            "return_dict": False,
-        }
+                prompt=request.prompt, prompt_2=None, prompt_3=None, device=transformer.device,
+                num_images_per_prompt=request.num_samples, do_classifier_free_guidance=False,
+                max_sequence_length=sequence_length(pipeline, request.max_sequence_length, 256))
+        return {"hidden_states": noised, "encoder_hidden_states": prompt_embeds.to(transformer.dtype),
+                "pooled_projections": pooled.to(transformer.dtype), "timestep": full_timestep(request, self, 1000.0),
+                "return_dict": False}
 
     # ------------------------------------------------------------------ calls
-    def is_conditional_call(self, bound: inspect.BoundArguments, context_name: str | None) -> bool:
-        if not super().is_conditional_call(bound, context_name):
-            return False
-        if bound.arguments.get("skip_layers") and running_pipeline(self.transformer) is not None:
-            return False  # skip-layer guidance's auxiliary call
-        return True
+    def pipeline_cfg(self, pipeline: Any, call_arguments: inspect.BoundArguments) -> str:
+        """``StableDiffusion3Pipeline`` batches ``[uncond, cond]`` when ``guidance_scale > 1``."""
+        return "batched" if guidance_scale(call_arguments, "guidance_scale") > 1 else "none"
 
-    def begin_call(self, bound: inspect.BoundArguments, call: "CallState") -> None:
-        arguments = bound.arguments
-        hidden = arguments.get("hidden_states")
+    def is_auxiliary_call(self, bound: inspect.BoundArguments) -> bool:
+        """The pipeline's skip-layer-guidance call (``skip_layers`` given) is neither cond nor uncond."""
+        return bool(bound.arguments.get("skip_layers"))
+
+    def begin_call(self, bound: inspect.BoundArguments, call: CallState) -> None:
+        hidden = bound.arguments.get("hidden_states")
         if hidden is None or hidden.dim() != 4:
             raise ValueError("SD3Transformer2DModel was called without a (batch, channels, height, width) latent")
         self._rewrap_replaced_processors()
@@ -279,45 +241,26 @@ class SD3Adapter(ModelAdapter):
         call.batch_size = hidden.shape[0]
         call.grid = (hidden.shape[-2] // patch, hidden.shape[-1] // patch)
         call.num_map_tokens = call.grid[0] * call.grid[1]
-        timestep = timestep_value(arguments.get("timestep"))
+        timestep = timestep_value(bound.arguments.get("timestep"))
         if timestep is not None:
             call.timestep = timestep / 1000.0  # noise level, as FLUX pipelines pass it
-        pipeline = running_pipeline(self.transformer)
-        if (
-            call.batch_size % 2 == 0
-            and pipeline is not None
-            and bool(getattr(pipeline, "do_classifier_free_guidance", False))
-            and not arguments.get("skip_layers")
-        ):
-            call.map_rows = slice(call.batch_size // 2, call.batch_size)  # [uncond, cond]
-        call.concepts = self.concept_rows(hidden.dtype, hidden.device).unsqueeze(0).expand(call.batch_size, -1, -1)
-
-    def _on_time_embedding(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        pooled_text_modulation(self._session, module, args, output)
 
     # ------------------------------------------------------------------ install
-    def install(self, session: "ConceptAttention", blocks: Sequence[int]) -> None:
+    def install(self, recorder: Recorder, blocks: Sequence[int]) -> None:
         known, _ = _processor_classes()
-        all_blocks = self.dual_blocks
         for index in blocks:
-            processor = all_blocks[index].attn.processor
-            if type(processor) not in known:
-                raise TypeError(
-                    f"transformer_blocks.{index}.attn uses {type(processor).__name__}, which the SD3 adapter does "
-                    f"not know (expected {', '.join(c.__name__ for c in known)}); remove IP-adapters, PAG or "
-                    "custom processors before using ConceptAttention"
-                )
-        self.attach(session)
+            refuse_unknown(self.dual_blocks[index].attn.processor, known, self.family,
+                           f"transformer_blocks.{index}.attn")
+        self.attach(recorder)
         self.on_undo(self._unwrap_all)
         for index in blocks:
             self._wrap(index)
-        handle = self.transformer.time_text_embed.register_forward_hook(self._on_time_embedding)
-        self.on_undo(handle.remove)
+        hook_time_embedding(self, self.transformer.time_text_embed)
 
     def _wrap(self, index: int) -> None:
-        assert self._session is not None
+        assert self.recorder is not None
         block = self.dual_blocks[index]
-        wrapper = SD3ConceptProcessor(block.attn.processor, block, index, self._session)
+        wrapper = SD3ConceptProcessor(block.attn.processor, block, index, self.recorder)
         wrapper.hook(block.attn)
         block.attn.processor = wrapper  # direct assignment: .attn only, attn2 keeps its processor
         self._wrappers[index] = wrapper
@@ -328,7 +271,7 @@ class SD3Adapter(ModelAdapter):
         known, _ = _processor_classes()
         for index, wrapper in list(self._wrappers.items()):
             current = self.dual_blocks[index].attn.processor
-            if isinstance(current, SD3ConceptProcessor) and current.session is self._session:
+            if isinstance(current, SD3ConceptProcessor) and current.recorder is self.recorder:
                 self._wrappers[index] = current
                 continue
             if type(current) not in known:
@@ -341,7 +284,7 @@ class SD3Adapter(ModelAdapter):
     def _unwrap_all(self) -> None:
         for block in self.dual_blocks:
             current = block.attn.processor
-            if isinstance(current, SD3ConceptProcessor) and current.session is self._session:
+            if isinstance(current, SD3ConceptProcessor) and current.recorder is self.recorder:
                 block.attn.processor = current.inner
         saved = getattr(self.transformer, "original_attn_processors", None)
         if isinstance(saved, dict):  # fuse_qkv_projections() saved our wrappers for unfuse_qkv_projections()

@@ -10,13 +10,15 @@ attention output before the output projection (input of ``to_out[0]``). Subclass
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:  # pragma: no cover
-    from ..core.session import CallState, ConceptAttention
+from ..core.contract import CallState, Recorder
+
+Update = Callable[[], torch.Tensor]
+"""What a concept step returns: computes the concept rows after the block (run only if a later block needs them)."""
 
 
 class Capture:
@@ -50,18 +52,18 @@ class Capture:
 
 
 class WrappingProcessor:
-    """Base of the concept processors; all concept state lives on the session."""
+    """Base of the concept processors; all concept state lives on the session (the recorder)."""
 
     family_label: ClassVar[str] = "FLUX"
     processor_label: ClassVar[str] = "attention processor"
     captured_label: ClassVar[str] = "image keys/values/outputs"
     capture_class: ClassVar[type[Capture]] = Capture
 
-    def __init__(self, inner: Any, block: nn.Module, block_index: int, session: "ConceptAttention") -> None:
+    def __init__(self, inner: Any, block: nn.Module, block_index: int, recorder: Recorder) -> None:
         self.inner = inner
         self.block = block
         self.block_index = block_index
-        self.session = session
+        self.recorder = recorder
         self.capture = self.capture_class()
         self._qkv_hooked: nn.Module | None = None
         self._handles: list[Any] = []
@@ -70,9 +72,10 @@ class WrappingProcessor:
              *args: Any, **kwargs: Any) -> Any:
         """Call the original processor with exactly these arguments; then, in a mapped call, the concept step.
 
-        ``_concept_step`` receives the prompt length and the arguments after ``encoder_hidden_states``.
+        ``_concept_step`` receives the prompt length and the arguments after ``encoder_hidden_states``;
+        the update it returns runs only if a later block is recorded (fp16 rows clipped to the fp16 range).
         """
-        call = self.session.current_call
+        call = self.recorder.current_call
         if call is None or encoder_hidden_states is None or call.concepts is None:
             return self.inner(attn, hidden_states, encoder_hidden_states, *args, **kwargs)
         self._hook_fused_projection(attn)
@@ -83,12 +86,16 @@ class WrappingProcessor:
             self.capture.enabled = False
         try:
             with torch.no_grad():
-                self._concept_step(attn, call, encoder_hidden_states.shape[1], *args, **kwargs)
+                update = self._concept_step(attn, call, encoder_hidden_states.shape[1], *args, **kwargs)
+                if update is not None and self.block_index < self.recorder.last_layer:
+                    call.concepts = clip_to_dtype(update())
         finally:
             self.capture.clear()
         return outputs
 
-    def _concept_step(self, attn: nn.Module, call: "CallState", text_len: int, *args: Any, **kwargs: Any) -> None:
+    def _concept_step(self, attn: nn.Module, call: CallState, text_len: int, *args: Any, **kwargs: Any
+                      ) -> Update | None:
+        """Attend and record this block's concept maps; return how the concept rows continue (or None)."""
         raise NotImplementedError
 
     def captured(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -145,3 +152,26 @@ class FluxStyleProcessor(WrappingProcessor):
         key = attn.norm_added_k(attn.add_k_proj(normed).unflatten(-1, (-1, head_dim)))
         value = attn.add_v_proj(normed).unflatten(-1, (-1, head_dim))
         return query, key, value
+
+
+def clip_to_dtype(rows: torch.Tensor) -> torch.Tensor:
+    """fp16 rows clipped to the fp16 range (as diffusers clips the text stream); others unchanged."""
+    return rows.clip(-65504, 65504) if rows.dtype == torch.float16 else rows
+
+
+def text_stream_update(concepts: torch.Tensor, attended: torch.Tensor, gate_msa: torch.Tensor,
+                       mlp_input: Callable[[torch.Tensor], torch.Tensor], gate_mlp: torch.Tensor,
+                       feed_forward: nn.Module) -> torch.Tensor:
+    """The residual update of a dual block's text stream, applied to concept rows.
+
+    ``concepts + gate_msa·attended``, then ``+ gate_mlp·feed_forward(mlp_input(rows))`` where
+    ``mlp_input`` is the block's normalisation and modulation before its text MLP. Gates broadcast
+    over the rows.
+    """
+    concepts = concepts + gate_msa * attended.to(concepts.dtype)
+    return concepts + gate_mlp * feed_forward(mlp_input(concepts))
+
+
+def modulated(norm: nn.Module, shift: torch.Tensor, scale: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``rows -> norm(rows)·(1 + scale) + shift`` (AdaLN modulation; shift/scale broadcast over the rows)."""
+    return lambda rows: norm(rows) * (1 + scale) + shift

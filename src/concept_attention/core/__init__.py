@@ -1,6 +1,4 @@
-"""Model-independent core: the session, the scoring math and the result object."""
+"""Model-independent core: the adapter contract, the session, the scoring math and the result object.
 
-from .maps import ConceptMaps
-from .scoring import SPACES, ConceptGroups
-
-__all__ = ["ConceptMaps", "ConceptGroups", "SPACES"]
+Nothing here imports the rest of the package (adapters, front ends, pictures, files, model loading).
+"""

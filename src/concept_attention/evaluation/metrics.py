@@ -228,6 +228,27 @@ def mean_threshold(soft_map: Any) -> tuple[np.ndarray, float]:
     return s > t, t
 
 
+def _binary_truth(soft: np.ndarray, gt_mask: Any, ignore_mask: Any | None, ignore_index: int | None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """(ground truth as bool, valid pixels) after checking shapes, values and void pixels."""
+    gt_raw = _to_numpy(gt_mask)
+    if soft.ndim != 2 or soft.shape != gt_raw.shape:
+        raise ValueError(f"soft map {soft.shape} and mask {gt_raw.shape} must be equal 2-D shapes")
+    if not np.all(np.isfinite(soft)):
+        raise ValueError("soft map contains NaN or infinite values")
+    valid = np.ones(gt_raw.shape, dtype=bool)
+    if ignore_mask is not None:
+        ign = _to_numpy(ignore_mask).astype(bool)
+        if ign.shape != gt_raw.shape:
+            raise ValueError(f"ignore mask {ign.shape} and mask {gt_raw.shape} differ in shape")
+        valid &= ~ign
+    if gt_raw.dtype != bool and ignore_index is not None:
+        valid &= gt_raw != ignore_index
+    if gt_raw.dtype != bool and (valid & (gt_raw != 0) & (gt_raw != 1)).any():
+        raise ValueError("binary ground truth must contain only 0, 1 (and ignore_index)")
+    return gt_raw.astype(bool) & valid, valid
+
+
 def binary_scores(soft_map: Any, gt_mask: Any, ignore_mask: Any | None = None, *,
                   pred_mask: Any | None = None, ignore_index: int | None = 255) -> BinaryScores:
     """Binary-protocol scores of one soft map (``H×W``) against one ground-truth mask.
@@ -243,24 +264,7 @@ def binary_scores(soft_map: Any, gt_mask: Any, ignore_mask: Any | None = None, *
         ignore_index: ground-truth value marking void pixels (None: no such value).
     """
     soft = _to_numpy(soft_map).astype(np.float64, copy=False)
-    gt_raw = _to_numpy(gt_mask)
-    if soft.ndim != 2 or soft.shape != gt_raw.shape:
-        raise ValueError(f"soft map {soft.shape} and mask {gt_raw.shape} must be equal 2-D shapes")
-    if not np.all(np.isfinite(soft)):
-        raise ValueError("soft map contains NaN or infinite values")
-    valid = np.ones(gt_raw.shape, dtype=bool)
-    if ignore_mask is not None:
-        ign = _to_numpy(ignore_mask).astype(bool)
-        if ign.shape != gt_raw.shape:
-            raise ValueError(f"ignore mask {ign.shape} and mask {gt_raw.shape} differ in shape")
-        valid &= ~ign
-    if gt_raw.dtype != bool and ignore_index is not None:
-        valid &= gt_raw != ignore_index
-    if gt_raw.dtype != bool:
-        bad = valid & (gt_raw != 0) & (gt_raw != 1)
-        if bad.any():
-            raise ValueError("binary ground truth must contain only 0, 1 (and ignore_index)")
-    gt = gt_raw.astype(bool) & valid
+    gt, valid = _binary_truth(soft, gt_mask, ignore_mask, ignore_index)
 
     if pred_mask is None:
         pred, threshold = mean_threshold(soft)

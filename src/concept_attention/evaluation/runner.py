@@ -207,7 +207,7 @@ class Runner:
         return finished
 
     def run(self) -> int:
-        from ..explain import explain
+        from ..explanation import explain
 
         self.out.mkdir(parents=True, exist_ok=True)
         _drop_torn_line(self.records_path)

@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from concept_attention import ConceptMaps
-from concept_attention.cli import main, parse_indices, parse_size, UsageError
+from concept_attention.cli import main
+from concept_attention.cli.parsing import UsageError, parse_indices, parse_size
 
 
 @pytest.fixture(scope="module")

@@ -21,9 +21,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .adapters.base import ModelAdapter, resolve_adapter
+from . import saving, viz  # noqa: F401  (the views behind ConceptMaps.save/load/figure/overlay)
+from .core.contract import ExplainRequest
 from .core.maps import ConceptMaps
 from .core.session import ConceptAttention
+from .options import adapter_of, check_request, run_size
 
 ImageInput = str | Path | Image.Image | np.ndarray | torch.Tensor
 
@@ -82,16 +84,6 @@ def load_image(image: ImageInput) -> Image.Image:
     )
 
 
-def model_size(width: int, height: int, native: int, multiple: int) -> tuple[int, int]:
-    """(width, height) with the shorter side scaled to ``native``, both rounded to ``multiple``."""
-    scale = native / min(width, height)
-
-    def snap(value: float) -> int:
-        return max(multiple, int(round(value / multiple)) * multiple)
-
-    return snap(width * scale), snap(height * scale)
-
-
 def explain(
     pipe: Any,
     image: ImageInput,
@@ -129,81 +121,23 @@ def explain(
         image and ``maps.meta`` recording sizes, prompt, timestep, samples and seed.
     """
     timestep = check_request(pipe, prompt, timestep, num_samples)
-    family_adapter(pipe, video=False)
+    adapter_of(pipe, video=False)
     picture = load_image(image)
-    session = ConceptAttention(
-        pipe, concepts, layers=layers, space=space, max_sequence_length=max_sequence_length, **options
-    )
-    adapter = session.adapter
-    width, height = run_size(picture.width, picture.height, size, adapter.image_size_rule(pipe))
+    session = ConceptAttention(pipe, concepts, layers=layers, space=space, max_sequence_length=max_sequence_length,
+                               **options)
+    width, height = run_size(picture.width, picture.height, size, session.adapter.image_size_rule(pipe))
     pixels = pipe.image_processor.preprocess(picture, height=height, width=width)
     generator = torch.Generator().manual_seed(int(seed))
     chunks = [num_samples] if batch_samples else [1] * num_samples
-    batches = (
-        adapter.explain_inputs(pipe, pixels, prompt, timestep, None, count, generator, session.max_sequence_length)
-        for count in chunks
-    )
+    batches = (session.adapter.explain_inputs(ExplainRequest(pipe, pixels, prompt, timestep, count, generator,
+                                                             session.max_sequence_length))
+               for count in chunks)
     maps = run_to_last_layer(session, batches)
-    maps.meta.update(
-        {
-            "mode": "explain",
-            "prompt": prompt,
-            "timestep": timestep,
-            "num_samples": num_samples,
-            "seed": int(seed),
-            "original_size": [picture.width, picture.height],
-            "model_size": [width, height],
-        }
-    )
+    maps.meta.update({"mode": "explain", "prompt": prompt, "timestep": timestep, "num_samples": num_samples,
+                      "seed": int(seed), "original_size": [picture.width, picture.height],
+                      "model_size": [width, height]})
     maps.image = picture
     return maps
-
-
-def check_request(pipe: Any, prompt: str, timestep: float | None, num_samples: int) -> float:
-    """The noise level to explain at (the pipeline's default when None), after checking the common arguments."""
-    if timestep is None:
-        from .loading import pipeline_defaults
-
-        timestep = float(pipeline_defaults(pipe).get("timestep", 0.5))
-    if not isinstance(timestep, (int, float)) or isinstance(timestep, bool) or not 0.0 < float(timestep) <= 1.0:
-        raise ValueError(f"timestep must be a number in (0, 1], got {timestep!r}")
-    if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
-    if not isinstance(prompt, str):
-        raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
-    return float(timestep)
-
-
-def family_adapter(pipe: Any, video: bool) -> ModelAdapter:
-    """The adapter of ``pipe``'s transformer, refusing a video model for images and an image model for videos."""
-    transformer = getattr(pipe, "transformer", None)
-    if transformer is None:
-        raise TypeError(f"explaining needs a diffusers pipeline with a transformer, got {type(pipe).__name__}")
-    adapter = resolve_adapter(transformer)
-    if adapter.video and not video:
-        raise TypeError(
-            f"{type(pipe).__name__} is a video model: give it a video (explain_video(pipe, video, concepts); "
-            "on the command line a video file such as clip.mp4)"
-        )
-    if video and not adapter.video:
-        raise TypeError(
-            f"{type(pipe).__name__} is an image model: videos need a video model such as CogVideoX; give it an "
-            "image (explain(pipe, image, concepts); on the command line an image file)"
-        )
-    return adapter
-
-
-def run_size(
-    width: int, height: int, size: tuple[int, int] | None, rule: tuple[int, int]
-) -> tuple[int, int]:
-    """(width, height) to run at: ``size`` if given (checked against the multiple), else :func:`model_size`."""
-    native, multiple = rule
-    if size is None:
-        return model_size(width, height, native, multiple)
-    width, height = (int(v) for v in size)
-    if width % multiple or height % multiple or width <= 0 or height <= 0:
-        raise ValueError(f"size {width}x{height} is not accepted: both sides must be positive multiples of {multiple}")
-    return width, height
 
 
 def run_to_last_layer(session: ConceptAttention, batches: Iterable[dict[str, Any]]) -> ConceptMaps:
@@ -233,11 +167,11 @@ def run_to_last_layer(session: ConceptAttention, batches: Iterable[dict[str, Any
 
 def _average_samples(session: ConceptAttention) -> ConceptMaps:
     """The session's maps with the noise-sample batch averaged into one image."""
-    results = {space: session.maps_for(space) for space in session.spaces}
-    for maps in results.values():
-        maps.tensor = maps.tensor.mean(dim=0, keepdim=True)
-        if maps.per_layer is not None:
-            maps.per_layer = maps.per_layer.mean(dim=1, keepdim=True)
+    results = {}
+    for space in session.spaces:
+        maps = session.maps_for(space)
+        per_layer = None if maps.per_layer is None else maps.per_layer.mean(dim=1, keepdim=True)
+        results[space] = maps.replace(tensor=maps.tensor.mean(dim=0, keepdim=True), per_layer=per_layer)
     primary = results.pop(session.spaces[0])
     primary.others = results
     return primary

@@ -11,7 +11,7 @@ import torch
 import tiny
 import tiny_video_flux2 as tv
 from concept_attention import ConceptAttention, ConceptMaps, explain, explain_video, video
-from concept_attention.video_explain import frame_count, valid_frame_counts
+from concept_attention.options import frame_count, valid_frame_counts
 
 CONCEPTS = ["dog", "tree", "sky"]
 

@@ -9,7 +9,7 @@ from PIL import Image
 
 import tiny
 from concept_attention import explain, load_image
-from concept_attention.explain import model_size
+from concept_attention.options import model_size
 
 
 @pytest.fixture(scope="module")

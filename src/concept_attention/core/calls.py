@@ -1,0 +1,131 @@
+"""Which transformer calls are mapped: explicit signals about pipeline calls and classifier-free guidance.
+
+Three hooks, each undone when the session ends:
+
+* on the **transformer**: a forward pre-hook and a forward hook mark the start and end of each call;
+* on the transformer's ``cache_context`` (the context manager diffusers pipelines wrap their
+  conditional and unconditional calls in, e.g. ``"cond"``/``"uncond"``): an instance-level wrapper
+  records the current context name;
+* on the session's **pipeline** (when one was given): its ``__call__`` is wrapped (the instance gets a
+  subclass of its own class for the duration of the session) so the session knows when *its* pipeline
+  is running and with which arguments.
+
+:func:`call_layout` turns these into one CFG layout per call (see ``CFG_LAYOUTS``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .contract import CFG_LAYOUTS
+
+
+@dataclass
+class CallSignals:
+    """What the hooks have seen: the cache-context name and the running pipeline call, if any."""
+
+    context_name: str | None = None
+    pipeline_call: inspect.BoundArguments | None = None
+    previous_timestep: Any = None
+
+
+def check_cfg(cfg: Any) -> str:
+    if cfg not in CFG_LAYOUTS:
+        raise ValueError(f"cfg must be one of {', '.join(CFG_LAYOUTS)}, not {cfg!r}")
+    return str(cfg)
+
+
+def call_layout(cfg: str, signals: CallSignals, pipeline_layout: Callable[[inspect.BoundArguments], str]) -> str:
+    """The CFG layout of the call in progress: the user's choice, else the running pipeline's, else by context."""
+    if cfg != "auto":
+        return cfg
+    if signals.pipeline_call is not None:
+        return pipeline_layout(signals.pipeline_call)
+    return "context" if signals.context_name is not None else "none"
+
+
+def is_conditional(layout: str, signals: CallSignals, timestep: Any) -> bool:
+    """Whether a call is the conditional (mapped) one under ``layout``."""
+    if layout == "context":
+        name = signals.context_name
+        return name is None or "uncond" not in name.lower() or "cond_uncond" in name.lower()
+    if layout == "sequential":  # first call of a denoising step is the conditional one
+        value = float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else timestep
+        first = value != signals.previous_timestep
+        signals.previous_timestep = value
+        return first
+    return True
+
+
+def hook_transformer_calls(transformer: nn.Module, before: Callable[[tuple, dict], None],
+                           after: Callable[[], None]) -> Callable[[], None]:
+    """Call ``before(args, kwargs)`` and ``after()`` around every forward of ``transformer``; returns the undo."""
+    pre = transformer.register_forward_pre_hook(lambda module, args, kwargs: before(args, kwargs), with_kwargs=True)
+    post = transformer.register_forward_hook(lambda module, args, output: after(), always_call=True)
+
+    def undo() -> None:
+        pre.remove()
+        post.remove()
+
+    return undo
+
+
+def watch_cache_context(transformer: nn.Module, signals: CallSignals) -> Callable[[], None]:
+    """Record the name of every ``transformer.cache_context(name)`` block in ``signals``; returns the undo."""
+    original = getattr(transformer, "cache_context", None)
+    if original is None or "cache_context" in transformer.__dict__:
+        return lambda: None
+
+    @contextlib.contextmanager
+    def cache_context(name: str):
+        previous, signals.context_name = signals.context_name, name
+        try:
+            with original(name):
+                yield
+        finally:
+            signals.context_name = previous
+
+    transformer.__dict__["cache_context"] = cache_context
+    return lambda: transformer.__dict__.pop("cache_context", None)
+
+
+def watch_pipeline_calls(pipeline: Any, signals: CallSignals) -> Callable[[], None]:
+    """Record each running ``pipeline(...)`` call's bound arguments in ``signals``; returns the undo.
+
+    Python looks ``__call__`` up on the class, so the instance gets a subclass of its own class whose
+    ``__call__`` wraps the original (same signature); the undo puts the original class back.
+    """
+    cls = type(pipeline)
+    original = cls.__call__
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
+        outer = signals.pipeline_call
+        try:
+            bound = signature.bind(self, *args, **kwargs)
+        except TypeError:  # a wrong call: let the pipeline report it
+            return original(self, *args, **kwargs)
+        bound.apply_defaults()
+        signals.pipeline_call, signals.previous_timestep = bound, None
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            signals.pipeline_call = outer
+
+    watched = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__,
+                                          "__qualname__": cls.__qualname__})
+    pipeline.__class__ = watched
+
+    def undo() -> None:
+        if type(pipeline) is watched:
+            pipeline.__class__ = cls
+
+    return undo
