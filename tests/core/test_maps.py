@@ -1,4 +1,4 @@
-"""ConceptMaps: access, segmentation, upsampling, colouring, overlays, save/load."""
+"""ConceptMaps (core): access, segmentation, upsampling, layer subsets, replace, shape checks, views."""
 
 import numpy as np
 import pytest
@@ -42,38 +42,6 @@ def test_upsample_and_normalize():
         maps.normalized("bogus")
 
 
-def test_to_pil_and_overlay_sizes():
-    maps = make_maps()
-    heat = maps.to_pil("dog")
-    assert heat.size == (6, 4) and heat.mode == "RGB"
-    assert maps.to_pil("dog", size=(20, 30)).size == (30, 20)
-    image = Image.new("RGB", (90, 60), (10, 200, 30))
-    over = maps.overlay(image, "sky", batch_index=1, alpha=0.4)
-    assert over.size == (90, 60)
-    # alpha 0 returns the image, alpha 1 the heat map
-    assert np.array_equal(np.asarray(maps.overlay(image, "sky", alpha=0.0)), np.asarray(image))
-    full = np.asarray(maps.overlay(image, "sky", alpha=1.0)).astype(int)
-    heat = np.asarray(maps.to_pil("sky", size=(60, 90))).astype(int)
-    peak = np.unravel_index(maps.upsample((60, 90))[0, 2].argmax(), (60, 90))
-    assert np.abs(full[peak] - heat[peak]).max() <= 1  # fully covered where the map peaks
-    with pytest.raises(ValueError, match="alpha"):
-        maps.overlay(image, "sky", alpha=2)
-
-
-def test_save_load_round_trip_is_exact(tmp_path):
-    maps = make_maps()
-    maps.save(tmp_path / "out")
-    files = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert files == ["dog.png", "maps.npz", "meta.json", "sky.png", "traffic_light.png"]
-    loaded = ConceptMaps.load(tmp_path / "out")
-    assert torch.equal(loaded.tensor, maps.tensor) and torch.equal(loaded.per_layer, maps.per_layer)
-    assert loaded.concepts == maps.concepts and loaded.layers == maps.layers
-    assert loaded.steps == maps.steps and loaded.timesteps == maps.timesteps
-    assert loaded.meta["prompt"] == "a dog"
-    with pytest.raises(FileNotFoundError, match="no saved ConceptMaps"):
-        ConceptMaps.load(tmp_path)
-
-
 def test_for_layers():
     maps = make_maps()
     assert torch.allclose(maps.for_layers([2]).tensor, maps.tensor * 0.5)
@@ -87,60 +55,30 @@ def test_shape_validation():
         ConceptMaps(tensor=torch.zeros(1, 3, 2, 2), concepts=["a", "b"], layers=[0])
 
 
-def assert_same_fields(loaded, maps):
-    """Every dataclass field of ``loaded`` equals ``maps``'s (images and frames pixel for pixel)."""
-    assert torch.equal(loaded.tensor, maps.tensor) and loaded.tensor.dtype == maps.tensor.dtype
-    assert (loaded.per_layer is None) == (maps.per_layer is None)
-    if maps.per_layer is not None:
-        assert torch.equal(loaded.per_layer, maps.per_layer)
-    for name in ("concepts", "layers", "timesteps", "steps", "space", "softmax", "meta"):
-        assert getattr(loaded, name) == getattr(maps, name), name
-    for name in ("image", "frames"):
-        want, got = getattr(maps, name), getattr(loaded, name)
-        assert (got is None) == (want is None), name
-    if maps.image is not None:
-        assert loaded.image.size == maps.image.size and loaded.image.mode == "RGB"
-        assert np.array_equal(np.asarray(loaded.image), np.asarray(maps.image))
-    if maps.frames is not None:
-        assert len(loaded.frames) == len(maps.frames)
-        for got, want in zip(loaded.frames, maps.frames):
-            assert got.size == want.size and got.mode == "RGB"
-            assert np.array_equal(np.asarray(got), np.asarray(want))
-    assert loaded.others.keys() == maps.others.keys()
-    for space, other in maps.others.items():
-        assert_same_fields(loaded.others[space], other)
-
-
-def test_save_load_round_trips_every_field_of_video_maps(tmp_path):
-    g = torch.Generator().manual_seed(3)
-    per_layer = torch.rand(2, 2, 3, 3, 2, 4, generator=g).softmax(dim=2)  # (layers, B, C, frames, h, w)
-    rng = np.random.default_rng(0)
-    frames = [Image.fromarray(rng.integers(0, 256, (16, 24, 3), dtype=np.uint8)) for _ in range(9)]
-    maps = ConceptMaps(tensor=per_layer.mean(0), concepts=["dog", "traffic light", "sky"], layers=[1, 3],
-                       timesteps=[0.875, 0.3333333333333333], steps=[0, 2], space="output", softmax=True,
-                       per_layer=per_layer, meta={"prompt": "a dog", "num_frames": 9, "concept_tokens": [1, 2, 1]},
-                       frames=frames)
-    maps.image = frames[0]
-    maps.others = {"cross_attention": ConceptMaps(
-        tensor=torch.rand(2, 3, 3, 2, 4, generator=g), concepts=list(maps.concepts), layers=[3], timesteps=[0.875],
-        steps=[0], space="cross_attention", softmax=False, per_layer=torch.rand(1, 2, 3, 3, 2, 4, generator=g),
-        meta={"prompt": "a dog", "note": "other"})}
-    out = maps.save(tmp_path / "video", video_format="gif")
-    assert sorted(p.name for p in (out / "frames").iterdir()) == [f"{i:04d}.png" for i in range(9)]
-    loaded = ConceptMaps.load(out)
-    assert loaded.is_video and loaded.grid == (3, 2, 4)
-    assert_same_fields(loaded, maps)
-    # frames given to save() (not set on the maps) are the ones written and restored
-    maps.frames = None
-    given = ConceptMaps.load(maps.save(tmp_path / "given", frames=frames[:5], video_format="gif"))
-    assert [np.asarray(f).tolist() for f in given.frames] == [np.asarray(f).tolist() for f in frames[:5]]
-
-
-def test_save_load_round_trips_every_field_of_image_maps(tmp_path):
+def test_replace_copies_lists_and_drops_attachments():
     maps = make_maps()
-    maps.image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (20, 30, 3), dtype=np.uint8))
-    maps.others = {"value": ConceptMaps(tensor=torch.rand(2, 3, 4, 6), concepts=list(maps.concepts), layers=[3],
-                                        space="value", softmax=False, meta={"prompt": "a dog"})}
-    loaded = ConceptMaps.load(maps.save(tmp_path / "image", figure=False))
-    assert loaded.frames is None
-    assert_same_fields(loaded, maps)
+    maps.image = Image.new("RGB", (6, 4))
+    copy = maps.replace(tensor=maps.tensor * 2)
+    assert copy.image is None and copy.others == {} and copy.layers == maps.layers
+    copy.layers.append(9)
+    assert maps.layers == [2, 3]
+
+
+def test_views_are_registered_by_the_package():
+    from concept_attention.core import maps as core_maps
+
+    assert {"to_pil", "overlay", "figure", "save", "load", "png"} <= set(core_maps._VIEWS)
+    missing = core_maps._VIEWS.pop("figure")
+    try:
+        with pytest.raises(RuntimeError, match="import concept_attention"):
+            make_maps().figure()
+    finally:
+        core_maps._VIEWS["figure"] = missing
+
+
+def test_jupyter_shows_a_png_only_with_an_image():
+    maps = make_maps()
+    assert maps._repr_png_() is None
+    maps.image = Image.new("RGB", (60, 40), (10, 200, 30))
+    assert maps._repr_png_().startswith(b"\x89PNG")
+
