@@ -32,4 +32,4 @@ def tiny_model_dir(tmp_path_factory):
     return path
 
 
-VOC_SAMPLES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "voc2012-val-samples"
+VOC_SAMPLES = Path(__file__).resolve().parent / "data" / "voc2012-val-samples"

@@ -92,3 +92,20 @@ def test_file_stems_are_distinct_and_never_reserved():
 def test_meta_becomes_json():
     assert jsonable({"a": (1, torch.tensor(2.5)), 3: object}) == {"a": [1, 2.5], "3": str(object)}
 
+
+
+def test_pictures_are_written_at_a_readable_size(tmp_path):
+    maps = make_maps(batch=1, concepts=("dog", "red", "sky"))
+    out = maps.save(tmp_path / "grid")  # no image: the maps' 4×6 grid, enlarged by a whole factor
+    assert max(Image.open(out / "dog.png").size) >= 256
+    maps.image = Image.fromarray(np.random.default_rng(2).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    out = maps.save(tmp_path / "image", figure=False)
+    for name in ("dog.png", "red.png", "sky_overlay.png", "segmentation.png"):
+        assert min(Image.open(out / name).size) >= 256, name
+    assert Image.open(out / "image.png").size == (64, 64)  # the image itself is kept as it is
+    from concept_attention.viz import concept_palette
+
+    colours = {tuple(c) for c in np.asarray(Image.open(out / "segmentation.png")).reshape(-1, 3).tolist()}
+    assert colours <= {tuple(c) for c in concept_palette(maps.concepts).tolist()}
+    nearest = np.asarray(Image.open(maps.save(tmp_path / "nearest", figure=False, interpolation="nearest") / "dog.png"))
+    assert len(np.unique(nearest.reshape(-1, 3), axis=0)) <= 4 * 6  # one colour per patch

@@ -25,7 +25,7 @@ from . import saving, viz  # noqa: F401  (the views behind ConceptMaps.save/load
 from .core.contract import ExplainRequest
 from .core.maps import ConceptMaps
 from .core.session import ConceptAttention
-from .options import adapter_of, check_request, run_size
+from .options import adapter_of, check_budget, check_request, run_size
 
 ImageInput = str | Path | Image.Image | np.ndarray | torch.Tensor
 
@@ -126,6 +126,7 @@ def explain(
     session = ConceptAttention(pipe, concepts, layers=layers, space=space, max_sequence_length=max_sequence_length,
                                **options)
     width, height = run_size(picture.width, picture.height, size, session.adapter.image_size_rule(pipe))
+    check_budget(pipe, width, height, batch=num_samples if batch_samples else 1)
     pixels = pipe.image_processor.preprocess(picture, height=height, width=width)
     generator = torch.Generator().manual_seed(int(seed))
     chunks = [num_samples] if batch_samples else [1] * num_samples

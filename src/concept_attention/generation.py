@@ -11,7 +11,7 @@ from . import saving  # noqa: F401  (the views behind ConceptMaps.save/load)
 from .core.defaults import pipeline_defaults
 from .core.maps import ConceptMaps
 from .core.session import ConceptAttention
-from .options import checked_num_frames, checked_size, size_rule
+from .options import check_budget, checked_num_frames, checked_size, size_rule
 from .viz import to_rgb_image
 
 
@@ -33,6 +33,7 @@ def generate(pipe: Any, prompt: str, concepts: Sequence[str], *, steps: int | No
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
     call = pipeline_call(pipe, steps, size, num_frames)
+    check_timesteps(timesteps, call.get("num_inference_steps"))
     if on_step is not None and "callback_on_step_end" in _call_parameters(pipe):
         call["callback_on_step_end"] = _progress_callback(on_step, call.get("num_inference_steps") or 0)
     spaces = [space] + (["cross_attention"] if compare and space != "cross_attention" else [])
@@ -68,10 +69,11 @@ def pipeline_call(pipe: Any, steps: int | None, size: tuple[int, int] | None, nu
         call["num_inference_steps"] = steps
     elif "num_inference_steps" in parameters:
         call["num_inference_steps"] = parameters["num_inference_steps"].default
-    if size is not None:
-        call["width"], call["height"] = checked_size(size, size_rule(pipe)[1])
     if num_frames is not None:
         call["num_frames"] = checked_num_frames(pipe, num_frames)
+    if size is not None:
+        call["width"], call["height"] = checked_size(size, size_rule(pipe)[1])
+        check_budget(pipe, call["width"], call["height"], frames=call.get("num_frames", 1))
     if "max_sequence_length" in defaults and "max_sequence_length" in parameters:
         call["max_sequence_length"] = int(defaults["max_sequence_length"])
     for key in ("guidance_scale", "true_cfg_scale", "negative_prompt"):
@@ -99,3 +101,13 @@ def _attach_output(maps: ConceptMaps, output: Any) -> Any:
     maps.frames = to_frames(video[0])
     maps.meta["num_frames"] = len(maps.frames)
     return maps.frames[0]
+
+
+def check_timesteps(timesteps: Sequence[int] | None, steps: int | None) -> None:
+    """Refuse step indices beyond the run's denoising steps (before any step runs)."""
+    if timesteps is None or steps is None:
+        return
+    beyond = sorted(int(t) for t in ([timesteps] if isinstance(timesteps, int) else timesteps) if int(t) >= steps)
+    if beyond:
+        raise ValueError(f"timesteps {beyond} are beyond the {steps} denoising steps of this run "
+                         f"(step indices 0-{steps - 1})")

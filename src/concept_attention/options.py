@@ -143,3 +143,62 @@ def _accepted(ratio: int, multiple: int) -> str:
     first = _fewest_latents(multiple)
     counts = [ratio * (latent - 1) + 1 for latent in range(first, first + 4 * multiple, multiple)]
     return ", ".join(str(n) for n in counts) + ", ... frames"
+
+
+# ---------------------------------------------------------------- memory budget
+ACTIVATION_COPIES = 24
+"""Activations alive at once per token and transformer width (hidden states, q/k/v, MLP, concept rows), generous."""
+VAE_COPIES = 6
+"""Activations alive at once per pixel and VAE channel while decoding or encoding, generous."""
+
+
+def free_memory(device: Any) -> int:
+    """Bytes free on ``device``: CUDA's free memory, else the system's available RAM."""
+    import os
+
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda" and torch.cuda.is_available():
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def bytes_per_pixel(pipe: Any) -> float:
+    """Memory one pixel of one image (or frame) costs at run time: transformer tokens and the VAE at full size."""
+    transformer, vae = pipe.transformer, getattr(pipe, "vae", None)
+    element = transformer.dtype.itemsize if hasattr(transformer.dtype, "itemsize") else 4
+    multiple = size_rule(pipe)[1]
+    width = int(getattr(transformer.config, "num_attention_heads", 1)) * int(
+        getattr(transformer.config, "attention_head_dim", 64))
+    per_token = width * element * ACTIVATION_COPIES
+    channels = max(getattr(getattr(vae, "config", None), "block_out_channels", None) or (128,))
+    return per_token / multiple ** 2 + int(channels) * element * VAE_COPIES
+
+
+def check_budget(pipe: Any, width: int, height: int, frames: int = 1, batch: int = 1) -> None:
+    """Refuse a size (or frame count) whose estimated memory exceeds what the model's device has free.
+
+    The estimate (:func:`bytes_per_pixel`) is generous, so what passes may still be slow, but a size
+    that cannot fit is refused at once with the largest square size that would.
+    """
+    free = free_memory(pipe.transformer.device)
+    per_pixel = bytes_per_pixel(pipe) * frames * batch
+    needed = per_pixel * width * height
+    if needed <= free:
+        return
+    multiple = size_rule(pipe)[1]
+    side = int((free / per_pixel) ** 0.5) // multiple * multiple
+    what = f"{width}x{height}" + (f" x {frames} frames" if frames > 1 else "")
+    raise ValueError(f"size {what} needs about {_gb(needed)} of memory, more than the {_gb(free)} free on "
+                     f"{pipe.transformer.device}; at most about {side}x{side} fits (native: {size_rule(pipe)[0]} px)")
+
+
+def _gb(count: float) -> str:
+    return f"{count / 1e9:,.1f} GB" if count < 1e12 else f"{count / 1e12:,.1f} TB"

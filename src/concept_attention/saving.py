@@ -1,8 +1,9 @@
 """Result folders: write and read back :class:`~concept_attention.core.maps.ConceptMaps`.
 
 Registers the ``save`` and ``load`` views of ``ConceptMaps``. A folder holds ``<concept>.png``
-heat maps, ``maps.npz`` (float32 raw maps of the whole batch, per layer, and of other recorded
-spaces) and ``meta.json``; with an image also ``image.png``, ``<concept>_overlay.png``,
+heat maps (enlarged to at least ``viz.MIN_SIDE`` = 256 px on the longer side, one colour scale
+for all concepts by default), ``maps.npz`` (float32 raw maps of the whole batch, per layer, and
+of other recorded spaces) and ``meta.json``; with an image also ``image.png``, ``<concept>_overlay.png``,
 ``segmentation.png`` and ``figure.png``; video maps get one heat-map video per concept and a
 contact sheet (:mod:`concept_attention.video`) and their frames under ``frames/``.
 """
@@ -39,11 +40,15 @@ def concept_stems(concepts: list[str]) -> dict[str, str]:
 @register_view("save")
 def save_maps(maps: ConceptMaps, directory: str | Path, image: Image.Image | np.ndarray | torch.Tensor | None = None,
               *, batch_index: int = 0, cmap: str = viz.DEFAULT_CMAP, alpha: float = 0.8, figure: bool = True,
-              frames: Any = None, fps: float | None = None, video_format: str = "auto") -> Path:
+              frames: Any = None, fps: float | None = None, video_format: str = "auto",
+              normalize: str = viz.DEFAULT_SCALE, interpolation: str = "bilinear") -> Path:
     """Write the result folder of ``maps`` (module docstring); returns its path.
 
-    Video maps play at ``fps``, default the source video's (``meta["fps"]``), else 8; ``frames``
-    (else ``maps.frames``) are the video under the heat maps.
+    Heat maps, overlays and the segmentation are enlarged to at least :data:`viz.MIN_SIDE` pixels
+    on the longer side (``image.png`` stays as it is); ``interpolation="nearest"`` draws the heat
+    maps as the raw patch grid. ``normalize`` is the colour scale (``viz.SCALES``; default one
+    scale for all concepts). Video maps play at ``fps``, default the source video's
+    (``meta["fps"]``), else 8; ``frames`` (else ``maps.frames``) are the video under the heat maps.
     """
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
@@ -52,7 +57,8 @@ def save_maps(maps: ConceptMaps, directory: str | Path, image: Image.Image | np.
     stems = concept_stems(maps.concepts)
     extra: dict[str, Any] = {}
     if maps.tensor.dim() == 4:
-        _write_image_files(maps, out, base, stems, batch_index, cmap, alpha, figure)
+        _write_image_files(maps, out, base, stems, batch_index,
+                           dict(cmap=cmap, normalize=normalize), alpha, figure, interpolation)
     elif base is not None:
         base.save(out / "image.png")
     source = frames if frames is not None else maps.frames
@@ -65,21 +71,26 @@ def save_maps(maps: ConceptMaps, directory: str | Path, image: Image.Image | np.
 
 
 def _write_image_files(maps: ConceptMaps, out: Path, base: Image.Image | None, stems: dict[str, str],
-                       batch_index: int, cmap: str, alpha: float, figure: bool) -> None:
-    size = (base.height, base.width) if base is not None else None
+                       batch_index: int, colours: dict[str, str], alpha: float, figure: bool,
+                       interpolation: str) -> None:
+    """``<concept>.png`` (and with an image the overlays, image, segmentation and figure), readable sizes."""
+    grid = (base.height, base.width) if base is not None else tuple(maps.tensor.shape[-2:])
+    size = viz.display_size(*grid)
+    shown = viz.enlarged(base) if base is not None else None
     for index, name in enumerate(maps.concepts):
-        maps.to_pil(index, batch_index, size=size, cmap=cmap).save(out / f"{stems[name]}.png")
-        if base is not None:
-            maps.overlay(base, index, batch_index, alpha=alpha, cmap=cmap).save(out / f"{stems[name]}_overlay.png")
-    if base is None:
+        heat = maps.to_pil(index, batch_index, size=size, interpolation=interpolation, **colours)
+        heat.save(out / f"{stems[name]}.png")
+        if shown is not None:
+            maps.overlay(shown, index, batch_index, alpha=alpha, **colours).save(out / f"{stems[name]}_overlay.png")
+    if base is None or shown is None:
         return
     base.save(out / "image.png")
-    labels = viz.upsample(maps.tensor[batch_index: batch_index + 1], (base.height, base.width)).argmax(1)[0]
-    viz.segmentation_image(labels.numpy(), len(maps.concepts)).save(out / "segmentation.png")
+    labels = viz.segmentation_labels(maps, batch_index, (shown.height, shown.width))
+    viz.segmentation_image(labels, maps.concepts).save(out / "segmentation.png")
     if figure:
         import matplotlib.pyplot as plt
 
-        drawn = maps.figure(base, batch_index=batch_index, cmap=cmap)
+        drawn = maps.figure(base, batch_index=batch_index, **colours)
         drawn.savefig(out / "figure.png", dpi=110)
         plt.close(drawn)
 

@@ -32,7 +32,8 @@ import torch
 from .core.maps import ConceptMaps
 from .core.session import ConceptAttention
 from .explanation import run_to_last_layer
-from .options import adapter_of, check_num_frames, check_request, fewest_frames, frame_count, run_size
+from .options import adapter_of, check_budget, check_num_frames, check_request, fewest_frames, frame_count, \
+    run_size
 from .video import load_video, video_fps
 
 
@@ -70,6 +71,7 @@ def explain_video(pipe: Any, video: Any, concepts: Sequence[str], prompt: str = 
                                **options)
     adapter = session.adapter
     width, height = run_size(frames[0].width, frames[0].height, size, adapter.image_size_rule(pipe))
+    check_budget(pipe, width, height, frames=len(frames), batch=num_samples if batch_samples else 1)
     latents = adapter.video_latents(pipe, pipe.video_processor.preprocess_video(frames, height=height, width=width))
     noise = adapter.draw_noise((num_samples, *latents.shape[1:]), torch.Generator().manual_seed(int(seed)))
     batches = (adapter.video_inputs(pipe, latents, part, prompt, timestep, session.max_sequence_length)

@@ -4,6 +4,7 @@ oracle (concept rows appended to the prompt and isolated by an attention mask), 
 from __future__ import annotations
 
 import contextlib
+import math
 
 import pytest
 import torch
@@ -180,8 +181,9 @@ def check_explain_and_cli(pipe, tmp_path, defaults, **explain_options):
 
 # ---------------------------------------------------------------- restore
 def snapshot(transformer):
-    """Processors, every module's forward hooks and the transformer's attributes."""
-    processors = dict(transformer.attn_processors)
+    """Processors (of every module that has one), every module's forward hooks and the transformer's attributes."""
+    processors = {f"{name}.processor": module.processor for name, module in transformer.named_modules()
+                  if hasattr(module, "processor")}
     hooks = {name: (dict(m._forward_hooks), dict(m._forward_pre_hooks)) for name, m in transformer.named_modules()}
     return processors, hooks, set(transformer.__dict__)
 
@@ -193,3 +195,28 @@ def assert_restored(transformer, before):
     for name, (fwd, pre) in hooks.items():
         assert fwd.keys() == before[1][name][0].keys() and pre.keys() == before[1][name][1].keys(), name
     assert attributes == before[2]
+
+
+# ---------------------------------------------------------------- tiny tokenizers and attention
+def word_tokenizer(words, specials, pad, eos, extra=()):
+    """A byte-level word tokenizer: one token per known word (with or without a leading space), e.g. so the
+    Qwen-Image system template is exactly 34 tokens long, as with the real tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    space, newline = bytes_to_unicode()[ord(" ")], bytes_to_unicode()[ord("\n")]
+    pieces = ["<unk>", ",", ":", newline, space, *extra] + [p for w in words for p in (w, space + w)]
+    model = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(dict.fromkeys(pieces))}, unk_token="<unk>"))
+    model.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    model.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=model, pad_token=pad, eos_token=eos, unk_token="<unk>",
+                                   additional_special_tokens=list(specials), model_max_length=2048)
+
+
+def attend(query, key, value, keep=None):
+    """Softmax attention (B, S, H, D); ``keep`` (B, keys) drops masked keys."""
+    logits = torch.einsum("bqhd,bkhd->bhqk", query, key) / math.sqrt(query.shape[-1])
+    if keep is not None:
+        logits = logits.masked_fill(~keep[:, None, None, :], float("-inf"))
+    return torch.einsum("bhqk,bkhd->bqhd", logits.softmax(-1), value)

@@ -8,7 +8,8 @@ from diffusers import Flux2Pipeline
 
 import tiny_video_flux2 as tv
 from concept_attention import ConceptAttention
-from concept_attention.adapters.flux2 import Flux2Adapter, concept_token_span
+from concept_attention.adapters.encoding import concept_token_span
+from concept_attention.adapters.flux2 import Flux2Adapter
 from contract import AdapterContract
 from helpers import (
     as_tokens, assert_matches_oracle, assert_output_unchanged, captured_streams, concept_embeds, isolation_mask,

@@ -110,3 +110,67 @@ def test_entry_point_help_and_models():
     version = subprocess.run([sys.executable, "-m", "concept_attention.cli", "--version"], capture_output=True,
                              text=True, env=env)
     assert version.returncode == 0 and version.stdout.strip() == f"concept-attention {__version__}"
+
+
+# ---------------------------------------------------------------- checked before any model work (issue 18)
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fail the test if a command loads a model."""
+    import concept_attention.loading as loading
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the mistake was reported")
+
+    monkeypatch.setattr(loading, "load_pipeline", refuse)
+
+
+def test_output_and_step_mistakes_are_reported_before_the_model_loads(tmp_path, capsys, no_model):
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    cases = [
+        (["generate", "x", "--concepts", "a", "--out", str(a_file)], "is a file; give a folder"),
+        (["generate", "x", "--concepts", "a", "--out", str(a_file / "below")], "cannot write to --out"),
+        (["generate", "x", "--concepts", "a", "--steps", "4", "--timesteps", "50-60"], "beyond the 4 denoising steps"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_an_absurd_size_is_refused_at_once(model_dir, tmp_path, capsys):
+    import resource
+    import time
+
+    Image.new("RGB", (40, 30)).save(tmp_path / "photo.png")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    started = time.perf_counter()
+    code = main(["explain", str(tmp_path / "photo.png"), "--concepts", "a,b", "--model", str(model_dir),
+                 "--size", "100000x100000", "--out", str(tmp_path / "out")])
+    seconds = time.perf_counter() - started
+    err = capsys.readouterr().err
+    assert code == 2 and "at most about" in err and len(err.strip().splitlines()) == 1, err
+    assert seconds < 5
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 500_000  # kB: nothing huge was allocated
+    assert main(["generate", "x", "--concepts", "a", "--model", str(model_dir), "--size", "100000x100000",
+                 "--out", str(tmp_path / "gen")]) == 2
+    assert "needs about" in capsys.readouterr().err
+
+
+def test_ctrl_c_gives_one_line_and_exit_code_130(model_dir, tmp_path, capsys, monkeypatch):
+    import concept_attention.generation as generation
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(generation, "generate", interrupted)
+    assert main(["generate", "x", "--concepts", "a", "--model", str(model_dir), "--out", str(tmp_path)]) == 130
+    assert capsys.readouterr().err.strip() == "concept-attention generate: interrupted"
+
+
+def test_concepts_the_model_cannot_read_are_reported(model_dir, tmp_path, capsys):
+    assert main(["generate", "x", "--concepts", "🐶,日本,dog", "--model", str(model_dir),
+                 "--out", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert "warning: concepts '🐶' and '日本' encode to the same tokens" in err
+    assert "warning: concept '🐶' is mostly unknown" in err

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import concept_attention.adapters  # noqa: F401  (registers the built-in families)
 import tiny
 from concept_attention.core.contract import (
     ModelAdapter, refuse_unknown, register_adapter, registered_adapters, resolve_adapter, supported_transformers,
@@ -73,8 +74,6 @@ def test_unknown_processors_and_models_are_refused_with_their_names():
 
 
 def test_registry_lists_each_adapter_once():
-    import concept_attention.adapters  # noqa: F401  (registers the built-in families)
-
     before = registered_adapters()
     flux = next(cls for cls in before if cls.family == "flux")
     register_adapter(flux)

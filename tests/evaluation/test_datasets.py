@@ -28,9 +28,9 @@ from concept_attention.evaluation.imagenet_names import (
 )
 from concept_attention.evaluation.metrics import binary_scores, multiclass_scores
 
-VOC_SAMPLES = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "voc2012-val-samples"
+VOC_SAMPLES = Path(__file__).resolve().parents[1] / "data" / "voc2012-val-samples"
 
-# Classes of the 14 real samples (VOC names), as listed in shared/data/README.md.
+# Classes of the 14 real samples (VOC names), as listed in tests/data/README.md.
 EXPECTED_VOC = {
     "sample_0000": ["aeroplane"], "sample_0001": ["aeroplane"], "sample_0166": ["aeroplane"],
     "sample_0417": ["aeroplane"], "sample_0060": ["bird"], "sample_0114": ["bird"],
@@ -41,10 +41,10 @@ EXPECTED_VOC = {
 }
 
 def needs_voc(test):
-    """The shared VOC samples live beside the repository (../shared); fail loudly if they are missing."""
+    """The 14 VOC samples are in the repository (tests/data); fail loudly if they are missing."""
 
     def checked(*args, **kwargs):
-        assert VOC_SAMPLES.is_dir(), f"the shared VOC samples are missing at {VOC_SAMPLES}"
+        assert VOC_SAMPLES.is_dir(), f"the VOC samples of this repository are missing at {VOC_SAMPLES}"
         return test(*args, **kwargs)
 
     checked.__name__ = test.__name__

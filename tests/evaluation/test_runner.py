@@ -12,7 +12,7 @@ import pytest
 from concept_attention.eval import main
 from concept_attention.evaluation.runner import read_records
 
-VOC = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "voc2012-val-samples"
+VOC = Path(__file__).resolve().parents[1] / "data" / "voc2012-val-samples"
 
 
 def run(tmp, model_dir, *extra):
@@ -110,3 +110,47 @@ def test_synthetic_scene_tasks(tmp_path, tiny_model_dir):
     records = read_records(out)
     assert len(records) == 2 and records[0]["concepts"] == ["red", "green", "blue", "yellow", "grass", "sky", "wall"]
     assert "| Method | Acc ↑ | mIoU ↑ | images |" in (out / "table.md").read_text()
+
+
+def test_resume_with_other_settings_is_refused_and_overwrite_starts_afresh(tmp_path, tiny_model_dir, capsys):
+    out = run(tmp_path, tiny_model_dir, "--limit", "2", "--timestep", "0.5")
+    before = (out / "per_image.rank0.jsonl").read_text()
+    capsys.readouterr()
+    args = ["--dataset", "voc", "--data-dir", str(VOC), "--model", str(tiny_model_dir), "--out", str(out),
+            "--layers", "2-3", "--limit", "2"]
+    for changed, named in ((["--timestep", "0.9"], "timestep (0.5 in the folder, 0.9 now)"),
+                           (["--samples", "2"], "samples (1 in the folder, 2 now)"),
+                           (["--layers", "3"], "layers ([2, 3] in the folder, [3] now)")):
+        assert main(args + changed) == 2
+        err = capsys.readouterr().err
+        assert named in err and "--overwrite" in err and len(err.strip().splitlines()) == 1, err
+    assert (out / "per_image.rank0.jsonl").read_text() == before  # nothing was mixed in
+    assert main(args + ["--timestep", "0.9", "--overwrite"]) == 0
+    fresh = run(tmp_path / "fresh", tiny_model_dir, "--limit", "2", "--timestep", "0.9")
+    assert results(out) == results(fresh)
+    assert json.loads((out / "summary.json").read_text())["settings"]["extra"] == {}
+
+
+def test_ctrl_c_keeps_the_records_and_resumes(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    import concept_attention.evaluation.runner as runner_module
+
+    full = run(tmp_path / "full", tiny_model_dir, "--limit", "3")
+    original, calls = runner_module.score_maps, []
+
+    def interrupt_on_the_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(runner_module, "score_maps", interrupt_on_the_third)
+    out = tmp_path / "partial" / "run"
+    argv = ["--dataset", "voc", "--data-dir", str(VOC), "--model", str(tiny_model_dir), "--out", str(out),
+            "--layers", "2-3", "--limit", "3"]
+    assert main(argv) == 130
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines()[-1].startswith("concept-attention eval: interrupted after 2 record(s)")
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    monkeypatch.setattr(runner_module, "score_maps", original)
+    assert main(argv) == 0
+    assert results(out) == results(full)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
 from ..core.contract import ExplainRequest, ModelAdapter, Recorder
+from .wrapping import WrappingProcessor
 
 
 def latent_size_rule(pipeline: Any, patch: int) -> tuple[int, int]:
@@ -98,3 +99,16 @@ def guidance_scale(call_arguments: Any, *names: str) -> float:
         if value is not None:
             return float(value)
     return 0.0
+
+
+def install_wrapped(adapter: ModelAdapter, recorder: Recorder, blocks: Sequence[int],
+                    wrapping: tuple[str, tuple[type, ...], type[WrappingProcessor]],
+                    hook: Callable[[nn.Module], Any]) -> None:
+    """Attach ``recorder``, wrap each block's ``wrapping = (attention, known processors, wrapper class)`` and add
+    ``hook(block)`` (a hook handle, removed on restore) to each block of ``blocks``."""
+    attention, known, wrapper = wrapping
+    adapter.attach(recorder)
+    adapter.wrap_processors(blocks, attention, known,
+                            lambda original, block, index: wrapper(original, block, index, recorder))
+    for index in blocks:
+        adapter.on_undo(hook(adapter.dual_blocks[index]).remove)

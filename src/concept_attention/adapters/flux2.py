@@ -53,7 +53,7 @@ from torch import nn
 
 from ..core.contract import CallState, ExplainRequest, ModelAdapter, Recorder, register_adapter
 from .common import flow_noised, full_timestep, grid_from_ids, latent_size_rule, latents_and_image_ids, timestep_value
-from .encoding import call_default, sequence_length
+from .encoding import call_default, concept_token_span, sequence_length
 from .wrapping import FluxStyleProcessor, Update, modulated, text_stream_update
 
 CONCEPT_POSITION_POLICIES = ("own", "zero")
@@ -277,24 +277,3 @@ class Flux2Adapter(ModelAdapter):
         self.wrap_processors(blocks, "attn", _known_processor_classes(), make_wrapper)
         handle = self.transformer.double_stream_modulation_txt.register_forward_hook(self._on_text_modulation)
         self.on_undo(handle.remove)
-
-
-def concept_token_span(ids: torch.Tensor, mask: torch.Tensor, template: Sequence[int]) -> torch.Tensor:
-    """Absolute indices of a concept's own tokens in a chat-templated, padded sequence.
-
-    ``template`` is the unpadded token list of the empty prompt in the same template: the longest
-    common prefix and suffix with it are template tokens, what lies between is the concept.
-    """
-    positions = torch.nonzero(mask, as_tuple=False).flatten()
-    tokens = ids[positions].tolist()
-    prefix = 0
-    limit = min(len(tokens), len(template))
-    while prefix < limit and tokens[prefix] == template[prefix]:
-        prefix += 1
-    suffix = 0
-    while (
-        suffix < limit - prefix
-        and tokens[len(tokens) - 1 - suffix] == template[len(template) - 1 - suffix]
-    ):
-        suffix += 1
-    return positions[prefix : len(tokens) - suffix]

@@ -12,6 +12,7 @@ from typing import Sequence
 
 from .._version import __version__
 from ..media import VIDEO_SUFFIXES
+from .console import quiet_console
 from .parsing import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, UsageError
 
 GENERATE_EXAMPLES = """examples:
@@ -29,6 +30,21 @@ EXPLAIN_EXAMPLES = """examples:
 
 
 
+def common(sub: argparse.ArgumentParser) -> None:
+    """The options generate and explain share."""
+    sub.add_argument("--concepts", required=True, help="comma-separated concepts, e.g. dog,tree,sky")
+    sub.add_argument("--model", default=None, help="Hub id or local diffusers directory (default: embedded model)")
+    sub.add_argument("--out", default=None, help="output folder (default: out/<name>)")
+    sub.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    sub.add_argument("--size", default=None, help="WIDTHxHEIGHT to run at (default: the model's native size)")
+    sub.add_argument("--layers", default=None, help="dual-block indices, e.g. 9-18 (default: the deeper half)")
+    sub.add_argument("--space", default="output", choices=["output", "cross_attention", "value"],
+                     help="map space (default: output = ConceptAttention)")
+    sub.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda")
+    sub.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
+    sub.add_argument("--no-figure", action="store_true", help="skip figure.png (faster)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="concept-attention",
@@ -36,21 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
         "generated and real images and videos. With no --model, the small embedded model is used.",
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    parser.add_argument("--verbose", action="store_true", help="also show the warnings and logs of the libraries underneath")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-
-    def common(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument("--concepts", required=True, help="comma-separated concepts, e.g. dog,tree,sky")
-        sub.add_argument("--model", default=None, help="Hub id or local diffusers directory (default: embedded model)")
-        sub.add_argument("--out", default=None, help="output folder (default: out/<name>)")
-        sub.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-        sub.add_argument("--size", default=None, help="WIDTHxHEIGHT to run at (default: the model's native size)")
-        sub.add_argument("--layers", default=None, help="dual-block indices, e.g. 9-18 (default: the deeper half)")
-        sub.add_argument("--space", default="output", choices=["output", "cross_attention", "value"],
-                         help="map space (default: output = ConceptAttention)")
-        sub.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda")
-        sub.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
-        sub.add_argument("--no-figure", action="store_true", help="skip figure.png (faster)")
 
     generate = commands.add_parser(
         "generate", help="generate an image (or video) and its concept maps", epilog=GENERATE_EXAMPLES,
@@ -102,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_console(args.command, verbose=args.verbose)
     from ..loading import ModelLoadError
     from . import commands
 

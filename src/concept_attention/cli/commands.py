@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..media import VIDEO_SUFFIXES
+from .console import silence_loading
 from .parsing import EXIT_OK, UsageError, parse_concepts, parse_indices, parse_size, slug
 
 
@@ -20,6 +21,7 @@ def _console():
 def _load(args: argparse.Namespace, console: Any) -> Any:
     from ..loading import load_pipeline
 
+    silence_loading(getattr(args, "verbose", False))
     with console.status(f"loading {args.model or 'the embedded model'} ..."):
         return load_pipeline(args.model, device=args.device, dtype=args.dtype)
 
@@ -40,6 +42,21 @@ def _report(maps: Any, out: Path, started: float, console: Any) -> None:
     console.print(f"wrote {out}/ ({files}) in {time.perf_counter() - started:.1f} s")
 
 
+def writable_folder(path: str | Path) -> Path:
+    """``path`` as an output folder we can write to, created if needed; a UsageError before any model work."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; give a folder (it will hold the images, maps and metadata)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".concept-attention-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise UsageError(f"cannot write to --out {out}: {error.strerror or error}") from None
+    return out
+
+
 def run_generate(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -52,9 +69,12 @@ def run_generate(args: argparse.Namespace) -> int:
     timesteps = parse_indices(args.timesteps, "--timesteps")
     if args.steps is not None and args.steps < 1:
         raise UsageError("--steps must be at least 1")
+    if timesteps is not None and args.steps is not None and max(timesteps) >= args.steps:
+        raise UsageError(f"--timesteps {args.timesteps} selects steps beyond the {args.steps} denoising steps "
+                         f"(0-{args.steps - 1})")
+    out = writable_folder(args.out or Path("out") / slug(args.prompt))
     started = time.perf_counter()
     pipe = _load(args, console)
-    out = Path(args.out or Path("out") / slug(args.prompt))
     with Progress(TextColumn("denoising"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as progress:
         task = progress.add_task("denoising", total=args.steps or None)
@@ -88,6 +108,7 @@ def run_explain(args: argparse.Namespace) -> int:
     image = None if is_video else load_image(args.image)
     if is_video:
         load_video(args.image, max_frames=1)
+    out = writable_folder(args.out or Path("out") / slug(Path(args.image).stem))
     started = time.perf_counter()
     pipe = _load(args, console)
     if suffix == ".gif" and args.frames is None:  # a GIF is a video for a video model, else an image
@@ -108,7 +129,6 @@ def run_explain(args: argparse.Namespace) -> int:
             maps = explain(pipe, image, concepts, **options)
     maps.meta["model_id"] = getattr(pipe, "model_id", None)
     maps.meta["source"] = str(args.image)
-    out = Path(args.out or Path("out") / slug(Path(args.image).stem))
     maps.save(out, figure=not args.no_figure)
     _report(maps, out, started, console)
     print(out)

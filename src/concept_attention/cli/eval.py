@@ -8,20 +8,24 @@ rank 0 merging::
 (``--multi_gpu`` selects accelerate's multi-process launcher; on a machine without GPUs the
 processes form a CPU/gloo group.)
 
-Per-image records are appended as JSON lines, so an interrupted run resumes where it stopped.
+Per-image records are appended as JSON lines, so an interrupted run (Ctrl-C: exit code 130) resumes
+where it stopped, but only with the same settings: a folder made with another model, data set, method,
+layers, timestep, samples, softmax, background, prompt, size, seed or library version is refused
+(use a new ``--out``, or ``--overwrite``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from .console import quiet_console, silence_loading
 from .parsing import parse_indices, parse_size
 from ..evaluation.runner import (
-    DEFAULT_BACKGROUND, EvalSettings, MethodConfig, Runner, ablation_methods, write_summary,
+    DEFAULT_BACKGROUND, EvalSettings, MethodConfig, ResumeError, Runner, ablation_methods, prepare_folder,
+    read_records, run_fingerprint, write_summary,
 )
 
 DATASETS = ("voc", "voc-multi", "imagenet-seg", "scenes-colour", "scenes-shape")
@@ -53,7 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--out", required=True, help="result folder (per-image JSONL, summary.json, table.md)")
+    parser.add_argument("--out", required=True, help="result folder (per-image JSONL, summary.json, table.md); an "
+                        "interrupted run resumes there when every setting matches")
+    parser.add_argument("--verbose", action="store_true", help="also show the libraries' warnings and logs")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete the results already in --out and start afresh (e.g. after changing a setting)")
     return parser
 
 
@@ -85,58 +93,99 @@ def load_samples(dataset: str, data_dir: str | None, limit: int | None, shard: i
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from ..loading import load_pipeline
-    from ..options import adapter_of, default_layers, resolve_layers
-
+    """Run (or resume) an evaluation; exit codes: 0 done, 2 usage error, 130 interrupted (resumable)."""
     args = build_parser().parse_args(argv)
+    quiet_console("eval", verbose=args.verbose)
+    state, rank, world = _processes()
+    try:
+        layers, size = parse_indices(args.layers, "--layers"), parse_size(args.size)
+        samples, num_classes, protocol = load_samples(args.dataset, args.data_dir, args.limit, rank, world)
+        writable(Path(args.out))
+    except (ValueError, FileNotFoundError) as error:
+        return _error(error)
+    from ..loading import load_pipeline
+
+    silence_loading(args.verbose)
+    pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
+    settings = EvalSettings(dataset=args.dataset, protocol=protocol, background=_background(args, samples),
+                            prompt=args.prompt, num_samples=args.samples, seed=args.seed, size=size, model=args.model,
+                            limit=args.limit)
+    methods = _methods(pipe, args, layers)
+    out = Path(args.out)
+    try:
+        if rank == 0:
+            prepare_folder(out, run_fingerprint(settings, methods), overwrite=args.overwrite)
+        _wait(state, world)
+        Runner(pipe, samples, settings, methods, out, rank=rank, num_classes=num_classes,
+               progress=_progress_printer(rank)).run()
+    except ResumeError as error:
+        return _error(error)
+    except KeyboardInterrupt:
+        done = len(read_records(out))
+        print(f"concept-attention eval: interrupted after {done} record(s); they are kept in {out}: run the same "
+              "command again to resume", file=sys.stderr)
+        return 130
+    _wait(state, world)
+    if rank == 0:
+        summary = write_summary(out, settings, methods, num_classes)
+        print((out / "table.md").read_text())
+        print(f"wrote {out}/summary.json and table.md ({len(summary['results'])} method(s))")
+    return 0
+
+
+def _processes() -> tuple[Any, int, int]:
+    """(accelerate state or None, rank, world size)."""
     try:
         import torch
         from accelerate import PartialState
 
         # cpu=True lets a torchrun-launched CPU job form a gloo process group (MULTI_CPU).
         state = PartialState(cpu=not torch.cuda.is_available())
-        rank, world = state.process_index, state.num_processes
+        return state, state.process_index, state.num_processes
     except Exception:  # accelerate missing or not launched: one process
-        state, rank, world = None, 0, 1
+        return None, 0, 1
+
+
+def _wait(state: Any, world: int) -> None:
+    if state is not None and world > 1:
+        state.wait_for_everyone()
+
+
+def _error(error: Exception) -> int:
+    print(f"concept-attention eval: error: {error}", file=sys.stderr)
+    return 2
+
+
+def writable(out: Path) -> None:
+    """Refuse an --out that is a file or cannot be written, before the model loads."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder")
     try:
-        layers = parse_indices(args.layers, "--layers")
-        size = parse_size(args.size)
-        samples, num_classes, protocol = load_samples(args.dataset, args.data_dir, args.limit, rank, world)
-        if args.background is not None:
-            background = tuple(b.strip() for b in args.background.split(",") if b.strip())
-        elif hasattr(samples, "default_background"):
-            background = tuple(samples.default_background())
-        else:
-            background = DEFAULT_BACKGROUND
-    except (ValueError, FileNotFoundError) as error:
-        print(f"concept-attention eval: error: {error}", file=sys.stderr)
-        return 2
-    pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ".write-test").write_bytes(b"")
+        (out / ".write-test").unlink()
+    except OSError as error:
+        raise ValueError(f"cannot write to --out {out}: {error.strerror or error}") from None
+
+
+def _background(args: argparse.Namespace, samples: Any) -> tuple[str, ...]:
+    if args.background is not None:
+        return tuple(b.strip() for b in args.background.split(",") if b.strip())
+    if hasattr(samples, "default_background"):
+        return tuple(samples.default_background())
+    return DEFAULT_BACKGROUND
+
+
+def _methods(pipe: Any, args: argparse.Namespace, layers: list[int] | None) -> list[MethodConfig]:
+    from ..options import adapter_of, default_layers, resolve_layers
+
     num_layers = len(adapter_of(pipe).dual_blocks)
     base = MethodConfig(
         name={"output": "ConceptAttention (output space)", "cross_attention": "cross-attention",
               "value": "value space"}[args.method] + (" without softmax" if args.no_softmax else ""),
         space=args.method, softmax=not args.no_softmax,
-        layers=tuple(resolve_layers(layers, num_layers, default_layers(pipe))), timestep=args.timestep,
-    )
-    methods = ablation_methods(args.ablation, base, num_layers=num_layers)
-    settings = EvalSettings(
-        dataset=args.dataset, protocol=protocol, background=background, prompt=args.prompt,
-        num_samples=args.samples, seed=args.seed, size=size, model=args.model, limit=args.limit,
-    )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "settings.json").write_text(json.dumps({"argv": list(argv) if argv is not None else sys.argv[1:],
-                                                   "world_size": world}, indent=2))
-    progress = _progress_printer(rank)
-    Runner(pipe, samples, settings, methods, out, rank=rank, num_classes=num_classes, progress=progress).run()
-    if state is not None and world > 1:
-        state.wait_for_everyone()
-    if rank == 0:
-        summary = write_summary(out, settings, methods, num_classes)
-        print((out / "table.md").read_text())
-        print(f"wrote {out}/summary.json and table.md ({len(summary['results'])} method(s))")
-    return 0
+        layers=tuple(resolve_layers(layers, num_layers, default_layers(pipe))), timestep=args.timestep)
+    return ablation_methods(args.ablation, base, num_layers=num_layers)
 
 
 def _progress_printer(rank: int):

@@ -270,7 +270,8 @@ class VideoAdapter(ModelAdapter):
 
     @abstractmethod
     def video_latents(self, pipeline: Any, pixels: torch.Tensor) -> torch.Tensor:
-        """Scaled VAE latents of ``pixels`` (1, 3, F, H, W) in the layout the transformer takes."""
+        """Scaled VAE latents of ``pixels`` (1, 3, F, H, W), frames on axis 1: ``(1, F, ...)`` (an adapter whose
+        transformer takes another layout rearranges them in :meth:`video_inputs`)."""
 
     @abstractmethod
     def video_inputs(self, pipeline: Any, latents: torch.Tensor, noise: torch.Tensor, prompt: str,

@@ -311,3 +311,61 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.tolist()
     return str(value)
+
+
+class ResumeError(ValueError):
+    """A result folder holds records made with other settings: resuming would mix them."""
+
+
+RESULT_FILES = ("per_image.rank*.jsonl", "summary.json", "table.md", "settings.json")
+
+
+def run_fingerprint(settings: EvalSettings, methods: list[MethodConfig]) -> dict[str, Any]:
+    """Every setting that changes a number (not the image limit or the sharding), for ``settings.json``."""
+    from .._version import __version__
+
+    return {"model": settings.model or "embedded", "dataset": settings.dataset, "protocol": settings.protocol,
+            "background": list(settings.background), "prompt": settings.prompt, "samples": settings.num_samples,
+            "seed": settings.seed, "size": list(settings.size) if settings.size else None,
+            "methods": [json.loads(json.dumps(asdict(m))) for m in methods], "library_version": __version__}
+
+
+def differing_setting(old: dict[str, Any], new: dict[str, Any]) -> str | None:
+    """The first setting whose value differs, as ``"timestep (0.5 in the folder, 0.9 now)"``; None if all match."""
+    for key in sorted(set(old) | set(new)):
+        before, now = old.get(key), new.get(key)
+        if key == "methods" and isinstance(before, list) and isinstance(now, list) and len(before) == len(now):
+            for old_method, new_method in zip(before, now):
+                inner = differing_setting(old_method, new_method)
+                if inner:
+                    return inner
+        elif before != now:
+            return f"{key} ({before!r} in the folder, {now!r} now)"
+    return None
+
+
+def prepare_folder(out: Path, fingerprint: dict[str, Any], overwrite: bool = False) -> None:
+    """Make ``out`` ready for this run: refuse to resume records made with other settings, unless ``overwrite``
+    (which deletes the folder's earlier results); then record the settings."""
+    out.mkdir(parents=True, exist_ok=True)
+    existing = [path for pattern in RESULT_FILES for path in out.glob(pattern)]
+    if overwrite:
+        for path in existing:
+            path.unlink()
+    elif read_records(out):
+        recorded = _read_json(out / "settings.json").get("fingerprint")
+        if recorded is None:
+            raise ResumeError(f"{out} holds results whose settings were not recorded: use a new --out, or "
+                              "--overwrite to start afresh")
+        difference = differing_setting(recorded, fingerprint)
+        if difference:
+            raise ResumeError(f"{out} holds results made with another {difference}: use a new --out, or "
+                              "--overwrite to start afresh")
+    (out / "settings.json").write_text(json.dumps({"fingerprint": fingerprint}, indent=2))
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
