@@ -12,7 +12,9 @@ are shown as a message in the page; the app keeps serving.
 
 from __future__ import annotations
 
+import inspect
 import json
+import re
 import shutil
 import tempfile
 import threading
@@ -54,24 +56,21 @@ def clean_concepts(concepts: Any) -> list[str]:
 
 
 def segmentation_with_legend(maps: ConceptMaps, image: Image.Image) -> Image.Image:
-    """The argmax segmentation blended over the image, with a colour legend strip below."""
-    base = viz.to_rgb_image(image)
-    scale = max(1, 256 // max(base.width, base.height))
-    base = base.resize((base.width * scale, base.height * scale), Image.NEAREST) if scale > 1 else base
-    labels = viz.upsample(maps.tensor[:1], (base.height, base.width)).argmax(dim=1)[0].numpy()
-    palette = viz.label_palette(len(maps.concepts))
-    blended = viz.blend(base, palette[labels], 0.6)
-    font = ImageFont.load_default()
-    row = 18
-    legend = Image.new("RGB", (blended.width, row * len(maps.concepts) + 6), (255, 255, 255))
+    """The argmax segmentation in the legend's exact colours (nothing blended), with the legend below."""
+    base = enlarged(viz.to_rgb_image(image))
+    labels = viz.segmentation_labels(maps, 0, (base.height, base.width))
+    segmentation = viz.segmentation_image(labels, maps.concepts)
+    palette = viz.concept_palette(maps.concepts)
+    font, row = ImageFont.load_default(), 18
+    legend = Image.new("RGB", (segmentation.width, row * len(maps.concepts) + 6), (255, 255, 255))
     draw = ImageDraw.Draw(legend)
     for i, name in enumerate(maps.concepts):
         top = 3 + i * row
-        draw.rectangle([6, top + 2, 20, top + 14], fill=tuple(int(c) for c in palette[i]))
+        draw.rectangle([6, top + 2, 20, top + 14], fill=tuple(int(c) for c in palette[i]), outline=(0, 0, 0))
         draw.text((26, top + 2), name, fill=(0, 0, 0), font=font)
-    canvas = Image.new("RGB", (blended.width, blended.height + legend.height), (255, 255, 255))
-    canvas.paste(blended, (0, 0))
-    canvas.paste(legend, (0, blended.height))
+    canvas = Image.new("RGB", (segmentation.width, segmentation.height + legend.height), (255, 255, 255))
+    canvas.paste(segmentation, (0, 0))
+    canvas.paste(legend, (0, segmentation.height))
     return canvas
 
 
@@ -90,7 +89,7 @@ def result_views(maps: ConceptMaps, workdir: Path) -> tuple:
 
 
 def enlarged(image: Image.Image, at_least: int = 256) -> Image.Image:
-    """Small model outputs enlarged for the page (nearest keeps pixels crisp); others unchanged."""
+    """Small model outputs enlarged for the page by a whole factor (nearest keeps pixels crisp); others unchanged."""
     if max(image.size) >= at_least:
         return image
     factor = at_least // max(image.size)
@@ -164,6 +163,20 @@ class ConceptApp:
         ratio, multiple, native = self.adapter.frame_rule(self.pipe)
         return valid_frame_counts(ratio, multiple, native)
 
+    def _read_upload(self, file: Any) -> Any:
+        """The uploaded picture (image models) or the upload's path after a check of its first frame (video)."""
+        if file is None:
+            raise UserInputError(f"Upload {'a video' if self.video else 'an image'} first.")
+        try:
+            if self.video:
+                from .video import load_video
+
+                load_video(file, max_frames=1)
+                return file
+            return load_image(file)
+        except (ValueError, TypeError, FileNotFoundError, OSError) as error:
+            raise UserInputError(f"Cannot use this upload: {readable_error(error)}") from None
+
     def _views(self, maps: ConceptMaps) -> tuple:
         return video_views(maps, self._workdir()) if maps.is_video else result_views(maps, self._workdir())
 
@@ -187,22 +200,11 @@ class ConceptApp:
                 raise UserInputError(str(error)) from None
             return self._views(maps)
 
-    def run_explain(self, upload: Any, concepts: Any, prompt: str, timestep: float, samples: float,
+    def run_explain(self, file: Any, concepts: Any, prompt: str, timestep: float, samples: float,
                     layer_start: float, layer_end: float, frames: Any = None, progress: Any = None) -> tuple:
         """Explain an uploaded image (or video); ``frames`` = leading frames to explain, 0/None: all that fit."""
         names = clean_concepts(concepts)
-        if upload is None:
-            raise UserInputError(f"Upload {'a video' if self.video else 'an image'} first.")
-        try:
-            if self.video:
-                from .video import load_video
-
-                load_video(upload, max_frames=1)
-                picture = upload
-            else:
-                picture = load_image(upload)
-        except (ValueError, TypeError, FileNotFoundError, OSError) as error:
-            raise UserInputError(f"Cannot use this upload: {error}") from None
+        picture = self._read_upload(file)
         start, end = int(layer_start), int(layer_end)
         if start > end:
             raise UserInputError(f"The layer range {start}–{end} is empty: the start must not exceed the end.")
@@ -222,6 +224,12 @@ class ConceptApp:
             except (ValueError, TypeError) as error:
                 raise UserInputError(str(error)) from None
             return self._views(maps)
+
+
+def readable_error(error: Exception) -> str:
+    """An upload error without server paths or object addresses (what the page shows)."""
+    text = re.sub(r"(/[^\s:'\"]+)+/", "", str(error))  # keep file names, drop directories
+    return re.sub(r"<[^>]* at 0x[0-9a-f]+>", "the upload", text)
 
 
 def result_component(gr: Any, video: bool, label: str, elem_id: str) -> Any:
@@ -270,15 +278,23 @@ class PageSettings:
 
 
 def guarded(gr: Any, function: Any) -> Any:
-    """``function`` with user mistakes shown as a message in the page and other errors as one line."""
-    def wrapper(*args, progress=gr.Progress()):
+    """``function`` with user mistakes shown as a message in the page and other errors as one line.
+
+    The wrapper keeps ``function``'s signature (its parameter names are the API's parameter names;
+    ``progress`` gets gradio's progress tracker).
+    """
+    def wrapper(*args, **kwargs):
         try:
-            return function(*args, progress=progress)
+            return function(*args, **kwargs)
         except UserInputError as error:
             raise gr.Error(str(error)) from None
         except Exception as error:  # keep serving; no stack trace in the page
             raise gr.Error(f"Something went wrong: {type(error).__name__}: {error}") from None
 
+    signature = inspect.signature(function)
+    wrapper.__signature__ = signature.replace(parameters=[
+        parameter.replace(default=gr.Progress()) if parameter.name == "progress" else parameter
+        for parameter in signature.parameters.values()])
     wrapper.__name__ = function.__name__
     return wrapper
 
@@ -383,7 +399,12 @@ def launch(model: str | None = None, host: str = "127.0.0.1", port: int = 7860, 
 
     pipe = load_pipeline(model, device=device, dtype=dtype)
     demo = build_app(pipe)
-    demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block,
-                show_error=False, quiet=not block)
+    demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=True, show_error=False,
+                quiet=True)
+    if block:
+        print(f"concept-attention app: serving {getattr(pipe, 'model_id', None) or 'the model'} at {demo.local_url}"
+              + (f" and {demo.share_url}" if share and demo.share_url else " (a public link: --share yes)")
+              + "; Ctrl-C stops it", flush=True)
+        demo.block_thread()
     return demo
 

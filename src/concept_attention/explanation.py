@@ -48,8 +48,10 @@ def load_image(image: ImageInput) -> Image.Image:
             data = path.read_bytes()
             picture = Image.open(io.BytesIO(data))
             picture.load()
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-            raise ValueError(f"cannot read {path} as an image ({error.__class__.__name__}: {error})") from None
+        except UnidentifiedImageError:
+            raise ValueError(f"cannot read {path} as an image: not a picture format Pillow reads") from None
+        except (OSError, SyntaxError, ValueError) as error:
+            raise ValueError(f"cannot read {path} as an image: {error.__class__.__name__}: {error}") from None
         image = picture
     if isinstance(image, Image.Image):
         picture = ImageOps.exif_transpose(image) or image

@@ -34,6 +34,7 @@ def generate(pipe: Any, prompt: str, concepts: Sequence[str], *, steps: int | No
         raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
     call = pipeline_call(pipe, steps, size, num_frames)
     check_timesteps(timesteps, call.get("num_inference_steps"))
+    warn_if_truncated(pipe, prompt, call.get("max_sequence_length"))
     if on_step is not None and "callback_on_step_end" in _call_parameters(pipe):
         call["callback_on_step_end"] = _progress_callback(on_step, call.get("num_inference_steps") or 0)
     spaces = [space] + (["cross_attention"] if compare and space != "cross_attention" else [])
@@ -111,3 +112,31 @@ def check_timesteps(timesteps: Sequence[int] | None, steps: int | None) -> None:
     if beyond:
         raise ValueError(f"timesteps {beyond} are beyond the {steps} denoising steps of this run "
                          f"(step indices 0-{steps - 1})")
+
+
+def warn_if_truncated(pipe: Any, prompt: str, max_sequence_length: int | None) -> None:
+    """One warning when a CLIP or T5 prompt encoder of ``pipe`` will cut the prompt (the most restrictive cut).
+
+    CLIP encoders stop at their ``model_max_length``, T5 encoders at ``max_sequence_length`` (the
+    pipeline's own default when None). Other encoders (chat templates) are not checked.
+    """
+    import warnings
+
+    from .adapters.encoding import call_default
+
+    cuts = []
+    for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+        tokenizer = getattr(pipe, name, None)
+        kind = type(tokenizer).__name__
+        if tokenizer is None or not ("CLIP" in kind or "T5" in kind):
+            continue
+        limit = int(tokenizer.model_max_length if "CLIP" in kind
+                    else max_sequence_length or call_default(pipe, "max_sequence_length") or tokenizer.model_max_length)
+        ids = tokenizer(prompt, truncation=False).input_ids
+        if len(ids) > limit:
+            cuts.append((limit, kind.replace("TokenizerFast", "").replace("Tokenizer", ""),
+                         tokenizer.decode(ids[limit - 1:], skip_special_tokens=True)))
+    if cuts:
+        limit, kind, removed = min(cuts)
+        warnings.warn(f"prompt cut to {limit} tokens by the model's {kind} encoder; it does not see: {removed!r}",
+                      stacklevel=3)

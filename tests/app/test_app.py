@@ -67,20 +67,23 @@ def test_concurrent_api_requests(server, tmp_path):
             if kind == 4:  # invalid: no concepts / too many / corrupt upload / empty prompt
                 bad = i % 4
                 if bad == 0:
-                    client.predict("a dog", [], 0, 2, 32, 32, api_name="/generate")
+                    client.predict(prompt="a dog", concepts=[], seed=0, steps=2, width=32, height=32, api_name="/generate")
                 elif bad == 1:
-                    client.predict("a dog", [f"c{k}" for k in range(MAX_CONCEPTS + 2)], 0, 2, 32, 32,
-                                   api_name="/generate")
+                    client.predict(prompt="a dog", concepts=[f"c{k}" for k in range(MAX_CONCEPTS + 2)], seed=0,
+                                   steps=2, width=32, height=32, api_name="/generate")
                 elif bad == 2:
-                    client.predict(handle_file(str(corrupt)), ["dog"], "", 0.5, 1, 2, 3, api_name="/explain")
+                    client.predict(file=handle_file(str(corrupt)), concepts=["dog"], prompt="", timestep=0.5, samples=1,
+                                   layer_start=2, layer_end=3, api_name="/explain")
                 else:
-                    client.predict("a dog", ["dog"], 0, 2, 30, 32, api_name="/generate")
+                    client.predict(prompt="a dog", concepts=["dog"], seed=0, steps=2, width=30, height=32, api_name="/generate")
                 return i, "no-error", None
             concepts = concept_sets[kind]
             if i % 2:
-                result = client.predict(handle_file(str(upload)), concepts, "", 0.5, 1, 2, 3, api_name="/explain")
+                result = client.predict(file=handle_file(str(upload)), concepts=concepts, prompt="", timestep=0.5,
+                                        samples=1, layer_start=2, layer_end=3, api_name="/explain")
             else:
-                result = client.predict(f"a scene {i}", concepts, i, 2, 32, 32, api_name="/generate")
+                result = client.predict(prompt=f"a scene {i}", concepts=concepts, seed=i, steps=2, width=32, height=32,
+                                        api_name="/generate")
             return i, "ok", (concepts, result)
         except Exception as error:  # the client raises the app's readable message
             return i, "error", str(error)
@@ -92,7 +95,7 @@ def test_concurrent_api_requests(server, tmp_path):
             assert status == "error", (i, status)
             assert any(s in payload for s in ("at least one concept", "at most", "Cannot use this upload",
                                               "multiples of")), payload
-            assert "Traceback" not in payload
+            assert "Traceback" not in payload and "/tmp" not in payload and " at 0x" not in payload
         else:
             assert status == "ok", (i, payload)
             concepts, (image, gallery, segmentation, cross, archive) = payload
@@ -103,7 +106,8 @@ def test_concurrent_api_requests(server, tmp_path):
     # the app still answers afterwards
     from gradio_client import Client
 
-    again = Client(server, verbose=False).predict("a dog", ["dog", "sky"], 0, 2, 32, 32, api_name="/generate")
+    again = Client(server, verbose=False).predict(prompt="a dog", concepts=["dog", "sky"], seed=0, steps=2, width=32,
+                                                  height=32, api_name="/generate")
     assert [item["caption"] for item in again[1]] == ["dog", "sky"]
 
 
@@ -194,3 +198,13 @@ def test_browser_generate_and_explain(embedded_server, tmp_path):
             driver.save_screenshot(str(SCREENSHOTS / "app-explain.png"))
     finally:
         driver.quit()
+
+
+def test_the_api_has_named_endpoints_and_parameters(server):
+    from gradio_client import Client
+
+    endpoints = Client(server, verbose=False).view_api(return_format="dict", print_info=False)["named_endpoints"]
+    names = {endpoint: [parameter["parameter_name"] for parameter in info["parameters"]]
+             for endpoint, info in endpoints.items()}
+    assert names["/generate"] == ["prompt", "concepts", "seed", "steps", "width", "height"]
+    assert names["/explain"] == ["file", "concepts", "prompt", "timestep", "samples", "layer_start", "layer_end"]

@@ -115,13 +115,16 @@ def test_the_page_serves_video_tabs_over_the_api(cog, tmp_path):
         tabs = [c.get("props", {}).get("label") for c in client.config["components"] if c.get("type") == "tabitem"]
         assert {"Generate a video", "Explain a video"} <= set(tabs)
         clip, gallery, sheet, cross, archive = client.predict(
-            "a dog", ["dog", "sky"], 0, 2, 24, 16, 9, api_name="/generate")
+            prompt="a dog", concepts=["dog", "sky"], seed=0, steps=2, width=24, height=16, frames=9,
+            api_name="/generate")
         assert video.read_video(clip).shape[0] == 9
         assert [item["caption"] for item in gallery] == ["dog", "sky"] and len(cross) == 2
         upload = write_clip(tmp_path / "up.mp4")
-        result = client.predict(handle_file(str(upload)), ["tree"], "", 0.5, 1, 0, 3, 9, api_name="/explain")
+        result = client.predict(file=handle_file(str(upload)), concepts=["tree"], prompt="", timestep=0.5, samples=1,
+                                layer_start=0, layer_end=3, frames=9, api_name="/explain")
         assert [item["caption"] for item in result[1]] == ["tree"]
         with pytest.raises(Exception, match="6 is not in the list of choices"):  # the page offers valid counts only
-            client.predict("a dog", ["dog"], 0, 2, 24, 16, 6, api_name="/generate")
+            client.predict(prompt="a dog", concepts=["dog"], seed=0, steps=2, width=24, height=16, frames=6,
+                           api_name="/generate")
     finally:
         demo.close()

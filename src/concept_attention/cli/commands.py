@@ -143,15 +143,15 @@ def run_models(args: argparse.Namespace) -> int:
     from ..loading import EMBEDDED_MODEL_DIR
 
     table = Table(title="supported model families")
-    table.add_column("family")
-    table.add_column("transformer classes")
-    for cls in registered_adapters():
-        table.add_row(cls.family, ", ".join(cls.transformer_class_names))
-    console = Console()
-    console.print(table)
+    table.add_column("family", no_wrap=True)
+    table.add_column("makes", no_wrap=True)
+    table.add_column("transformer classes", overflow="fold")
+    for cls in sorted(registered_adapters(), key=lambda adapter: adapter.family):
+        table.add_row(cls.family, "videos" if cls.video else "images", ", ".join(cls.transformer_class_names))
+    Console().print(table)
     present = (EMBEDDED_MODEL_DIR / "model_index.json").is_file()
-    console.print(f"embedded default model: {EMBEDDED_MODEL_DIR} ({'installed' if present else 'missing'}); "
-                  "see MODEL_CARD.md there")
+    print(f"embedded default model ({'installed' if present else 'missing'}), model card MODEL_CARD.md in:")
+    print(f"  {EMBEDDED_MODEL_DIR}")  # a plain line: a terminal never breaks a path inside a word for us
     return EXIT_OK
 
 

@@ -18,6 +18,9 @@ def quiet_console(command: str, verbose: bool = False) -> None:
             os.environ.setdefault(name, "error")
         os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # also transformers' weight-loading bars
+        import logging
+
+        logging.basicConfig(level=logging.ERROR)  # other libraries' log warnings (e.g. torchao's at import)
 
     def show(message, category, filename, lineno, file=None, line=None) -> None:
         if verbose or "concept_attention" in str(filename):
@@ -34,3 +37,6 @@ def silence_loading(verbose: bool = False) -> None:
 
         diffusers_logging.disable_progress_bar()
         transformers_logging.disable_progress_bar()
+        import logging
+
+        logging.getLogger("torch").setLevel(logging.ERROR)  # torch's own log handler (e.g. pytree notices)
