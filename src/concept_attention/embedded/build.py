@@ -132,7 +132,8 @@ def build_clip_text_model(tokenizer, seed: int | None = None):
     return CLIPTextModel(cfg)
 
 
-def build_t5_encoder(tokenizer, seed: int | None = None):
+def build_t5_encoder(tokenizer, seed: int | None = None, local_bias: bool = True):
+    """The frozen T5 of the embedded model (``local_bias=False``: T5's own random position bias, for probes)."""
     from transformers import T5Config, T5EncoderModel
 
     if seed is not None:
@@ -144,7 +145,8 @@ def build_t5_encoder(tokenizer, seed: int | None = None):
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
         decoder_start_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
     )
-    return set_local_position_bias(T5EncoderModel(cfg))
+    encoder = T5EncoderModel(cfg)
+    return set_local_position_bias(encoder) if local_bias else encoder
 
 
 #: (head, relative position of the word it reads) for :func:`set_local_position_bias`
