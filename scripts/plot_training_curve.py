@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Plot the embedded model's training curve: loss and concept-map quality against steps and hours.
 
-Reads ``checkpoints/embedded/loss.csv`` (one row per step) and ``checkpoints/embedded/curve.jsonl``
-(points written by ``scripts/track_embedded.py``), writes a PNG and prints a Markdown table of the
-tracked points. Recipe changes recorded in the checkpoint (``history``) are drawn as vertical lines.
+Reads ``checkpoints/embedded/loss.csv`` (one row per step: flow loss, binding-head accuracy) and
+``checkpoints/embedded/curve.jsonl`` (points written by ``scripts/track_embedded.py`` on validation
+scenes), writes a PNG and prints a Markdown table of the tracked points. Recipe changes recorded in the checkpoint (``history``) are drawn as vertical lines.
 
   python scripts/plot_training_curve.py --out docs/images/embedded-training-curve.png
 """
@@ -38,24 +38,27 @@ def read_points(curve: Path) -> list[dict]:
 
 
 def markdown_table(points: list[dict]) -> str:
-    lines = ["| step | hours | loss | colour identity (default / best block) | colour mIoU (best) "
-             "| shape identity (default / best block) | shape mIoU (best) | generated right shape / colour "
-             "| two objects: both colours / first on the left / both shapes right | caption reliance (t=0.95) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    """One row per tracked point (validation scenes, empty prompt, t = 0.5)."""
+    lines = ["| step | hours | loss | binding head accuracy | colour identity (default / best block) | colour mIoU "
+             "(default) | shape identity (default / best block) | shape mIoU (default) | concept queries selective "
+             "(share of scenes, best block) | generated right shape / colour | two objects: both colours / both "
+             "shapes right |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in points:
         c, s = p["colour|empty"], p["shape|empty"]
         gen = p.get("generated_right_shape")
         gen_text = "" if gen is None else f"{gen:.2f} / {p['generated_right_colour']:.2f}"
         pairs = p.get("generated_pairs")
-        pairs_text = "" if pairs is None else (f"{pairs['both_colours']:.2f} / {pairs['order_right_of_both']:.2f} / "
-                                               f"{pairs['bound']:.2f}")
-        reliance = p.get("caption_reliance", {}).get("t=0.95")
-        loss_text = "" if p.get("loss") is None else f"{p['loss']:.3f}"
+        pairs_text = "" if pairs is None else f"{pairs['both_colours']:.2f} / {pairs['bound']:.2f}"
+        selective = p.get("query_selectivity") or {}
+        best = max(selective.items(), key=lambda item: item[1]["positive"], default=None)
+        selective_text = "" if best is None else f"{best[1]['positive']:.2f} ({best[0]})"
+        number = (lambda v: "" if v is None else f"{v:.3f}")
         lines.append(
-            f"| {p['step']} | {p['hours']:.2f} | {loss_text} | {c['default']['identity']:.2f} / "
-            f"{c['best']['identity']:.2f} (block {c['best_block']}) | {c['best']['miou']:.2f} | "
-            f"{s['default']['identity']:.2f} / {s['best']['identity']:.2f} (block {s['best_block']}) | "
-            f"{s['best']['miou']:.2f} | {gen_text} | {pairs_text} | {'' if reliance is None else f'{reliance:.4f}'} |")
+            f"| {p['step']} | {p['hours']:.2f} | {number(p.get('loss'))} | {number(p.get('binding_acc'))} | "
+            f"{c['default']['identity']:.2f} / {c['best']['identity']:.2f} (block {c['best_block']}) | "
+            f"{c['default']['miou']:.2f} | {s['default']['identity']:.2f} / {s['best']['identity']:.2f} "
+            f"(block {s['best_block']}) | {s['default']['miou']:.2f} | {selective_text} | {gen_text} | {pairs_text} |")
     return "\n".join(lines)
 
 
@@ -84,8 +87,14 @@ def main() -> None:
     history = json.loads((ckpt_dir / "args.json").read_text()).get("history", [])
 
     fig, (ax_loss, ax_quality) = plt.subplots(1, 2, figsize=(11, 3.8))
-    ax_loss.plot(steps, smooth(losses), lw=1.2, color="black")
-    ax_loss.set(xlabel="step", ylabel="flow-matching loss (mean of 50 steps)", yscale="log", title="training loss")
+    ax_loss.plot(steps, smooth(losses), lw=1.2, color="black", label="flow-matching loss")
+    ax_loss.set(xlabel="step", ylabel="loss (mean of 50 steps)", yscale="log", title="training")
+    accuracy = [(int(r["step"]), float(r["binding_acc"])) for r in rows if r.get("binding_acc") not in (None, "", "nan")]
+    if accuracy:
+        ax_head = ax_loss.twinx()
+        ax_head.plot([a for a, _ in accuracy], smooth([b for _, b in accuracy], 200), lw=1, color="tab:purple")
+        ax_head.set(ylabel="binding head accuracy (last block)", ylim=(0, 1))
+        ax_head.yaxis.label.set_color("tab:purple")
     for task, colour in (("colour", "tab:red"), ("shape", "tab:blue")):
         xs = [p["step"] for p in points]
         ax_quality.plot(xs, [p[f"{task}|empty"]["best"]["identity"] for p in points], "o-", color=colour,
@@ -96,7 +105,7 @@ def main() -> None:
     if generated:
         ax_quality.plot(*zip(*generated), "s-", color="tab:green", label="generated: right shape")
     ax_quality.axhline(0.25, color="grey", lw=0.8, ls=":", label="chance (identity)")
-    ax_quality.set(xlabel="step", ylabel="fraction", ylim=(0, 1), title="ConceptAttention quality (held-out scenes)")
+    ax_quality.set(xlabel="step", ylabel="fraction", ylim=(0, 1), title="ConceptAttention quality (validation scenes)")
     marks = change_steps(history)
     for ax in (ax_loss, ax_quality):
         for step in marks:

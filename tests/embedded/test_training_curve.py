@@ -15,13 +15,15 @@ def point(step, **extra):
 def test_markdown_table_rows_with_and_without_optional_columns():
     table = load().markdown_table([
         point(10, loss=None),
-        point(20, generated_right_shape=0.875, generated_right_colour=1.0, caption_reliance={"t=0.95": 0.12},
+        point(20, binding_acc=0.61, generated_right_shape=0.875, generated_right_colour=1.0,
+              query_selectivity={"block 0": {"mean": 0.1, "positive": 0.6}, "block 3": {"mean": 0.4, "positive": 0.9}},
               generated_pairs={"both_colours": 1.0, "order_right_of_both": 0.5, "bound": 0.25}),
     ])
     header, rule, first, second = table.splitlines()
     assert header.count("|") == rule.count("|") == first.count("|") == second.count("|")
-    assert first.startswith("| 10 | 0.01 |  | 0.30 / 0.40 (block 1)")
-    assert "| 0.88 / 1.00 | 1.00 / 0.50 / 0.25 | 0.1200 |" in second
+    assert first.startswith("| 10 | 0.01 |  |  | 0.30 / 0.40 (block 1) | 0.20 |")
+    assert second.startswith("| 20 | 0.02 | 0.300 | 0.610 |")
+    assert second.endswith("| 0.90 (block 3) | 0.88 / 1.00 | 1.00 / 0.25 |")
 
 
 def test_a_decay_is_marked_where_it_starts():
