@@ -27,7 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ("a red circle and a blue square on grass", ["red", "blue", "circle", "square", "grass"])
-TWELVE = ("a red circle, a blue square and a yellow triangle on grass",
+TWELVE = ("a red circle and a blue square and a yellow triangle on grass",
           ["red", "blue", "yellow", "green", "circle", "square", "triangle", "cross", "grass", "sky", "wall",
            "background"])
 FIFTY_EXTRA = ["dog", "cat", "tree", "house", "car", "person", "bird", "flower", "water", "sand", "road", "cloud",
