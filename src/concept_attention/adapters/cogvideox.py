@@ -133,7 +133,7 @@ class CogVideoXConceptProcessor(WrappingProcessor):
         query, key, value = (proj(normed).unflatten(-1, (heads, -1)) for proj in (attn.to_q, attn.to_k, attn.to_v))
         query = attn.norm_q(query) if attn.norm_q is not None else query
         key = attn.norm_k(key) if attn.norm_k is not None else key
-        output = self.recorder.attend_and_record(self.block_index, query, key, value, image_key, image_value,
+        output = self.recorder.attend_and_record(self.slot, query, key, value, image_key, image_value,
                                                  image_output)
         attended = attn.to_out[1](attn.to_out[0](output.flatten(2).to(concepts.dtype)))
         return lambda: self._update(concepts, attended, gate_msa, call.modulation)

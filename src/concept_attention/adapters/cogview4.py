@@ -95,7 +95,7 @@ class CogView4ConceptProcessor(CogVideoXConceptProcessor):
         # norm1's text half (index 5 on): modulated rows and c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp
         normed, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1.forward(concepts, concepts, call.modulation)[5:]
         query, key, value = shared_projections(attn, normed)
-        output = self.recorder.attend_and_record(self.block_index, query, key, value, *image)
+        output = self.recorder.attend_and_record(self.slot, query, key, value, *image)
         attended = attn.to_out[1](attn.to_out[0](output.flatten(2).to(concepts.dtype)))
         return lambda: text_stream_update(
             concepts, attended, gate_msa[:, None], modulated(block.norm2_context, shift_mlp[:, None],

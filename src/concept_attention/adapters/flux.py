@@ -51,7 +51,7 @@ class FluxConceptProcessor(FluxStyleProcessor):
         image_key, image_value, image_output = self.image_activations(attn, text_len, rotary)
         normed, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1_context(concepts, emb=call.modulation)
         query, key, value = self.text_projections(attn, normed)
-        output = self.recorder.attend_and_record(self.block_index, query, key, value, image_key, image_value,
+        output = self.recorder.attend_and_record(self.slot, query, key, value, image_key, image_value,
                                                  image_output)
         return lambda: text_stream_update(
             concepts, attn.to_add_out(output.flatten(2).to(concepts.dtype)), gate_msa.unsqueeze(1),

@@ -91,7 +91,7 @@ class Flux2ConceptProcessor(FluxStyleProcessor):
         if rotary is not None and call.concept_rotary is not None:
             query = apply_rotary_emb(query, call.concept_rotary, sequence_dim=1)
             key = apply_rotary_emb(key, call.concept_rotary, sequence_dim=1)
-        output = self.recorder.attend_and_record(self.block_index, query, key, value, image_key, image_value,
+        output = self.recorder.attend_and_record(self.slot, query, key, value, image_key, image_value,
                                                  image_output)
         return lambda: text_stream_update(
             concepts, attn.to_add_out(output.flatten(2).to(concepts.dtype)), gate_msa,

@@ -106,7 +106,7 @@ class QwenImageConceptProcessor(WrappingProcessor):
         if rotary is not None:
             image_key = _rotated(image_key, rotary[0])
             query, key = _rotated(query, call.concept_rotary), _rotated(key, call.concept_rotary)
-        output = self.recorder.attend_and_record(self.block_index, query, key, value, image_key, image_value,
+        output = self.recorder.attend_and_record(self.slot, query, key, value, image_key, image_value,
                                                  image_output)
         return lambda: text_stream_update(
             concepts, attn.to_add_out(output.flatten(2).to(concepts.dtype)), gate,

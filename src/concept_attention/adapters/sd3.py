@@ -128,7 +128,7 @@ class SD3ConceptProcessor(WrappingProcessor):
         else:
             normed, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1_context(concepts, emb=call.modulation)
         query, key, value = self._projections(attn, normed)
-        output = self.recorder.attend_and_record(self.block_index, query, key, value, image_key, image_value,
+        output = self.recorder.attend_and_record(self.slot, query, key, value, image_key, image_value,
                                                  image_output)
         if block.context_pre_only:
             return None  # the concept stream ends here
@@ -241,6 +241,7 @@ class SD3Adapter(ModelAdapter):
         call.batch_size = hidden.shape[0]
         call.grid = (hidden.shape[-2] // patch, hidden.shape[-1] // patch)
         call.num_map_tokens = call.grid[0] * call.grid[1]
+        call.skipped_blocks = tuple(bound.arguments.get("skip_layers") or ())
         timestep = timestep_value(bound.arguments.get("timestep"))
         if timestep is not None:
             call.timestep = timestep / 1000.0  # noise level, as FLUX pipelines pass it

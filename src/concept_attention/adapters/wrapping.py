@@ -15,7 +15,7 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import nn
 
-from ..core.contract import CallState, Recorder
+from ..core.contract import BlockSlot, CallState, Recorder
 
 Update = Callable[[], torch.Tensor]
 """What a concept step returns: computes the concept rows after the block (run only if a later block needs them)."""
@@ -64,6 +64,7 @@ class WrappingProcessor:
         self.block = block
         self.block_index = block_index
         self.recorder = recorder
+        self.slot = recorder.block_slot(block_index) if recorder is not None else BlockSlot(block_index, False, False)
         self.capture = self.capture_class()
         self._qkv_hooked: nn.Module | None = None
         self._handles: list[Any] = []
@@ -78,6 +79,7 @@ class WrappingProcessor:
         call = self.recorder.current_call
         if call is None or encoder_hidden_states is None or call.concepts is None:
             return self.inner(attn, hidden_states, encoder_hidden_states, *args, **kwargs)
+        match_batch(call, hidden_states.shape[0])
         self._hook_fused_projection(attn)
         self.capture.enabled = True
         try:
@@ -87,7 +89,7 @@ class WrappingProcessor:
         try:
             with torch.no_grad():
                 update = self._concept_step(attn, call, encoder_hidden_states.shape[1], *args, **kwargs)
-                if update is not None and self.block_index < self.recorder.last_layer:
+                if update is not None and self.slot.updates:
                     call.concepts = clip_to_dtype(update())
         finally:
             self.capture.clear()
@@ -152,6 +154,24 @@ class FluxStyleProcessor(WrappingProcessor):
         key = attn.norm_added_k(attn.add_k_proj(normed).unflatten(-1, (-1, head_dim)))
         value = attn.add_v_proj(normed).unflatten(-1, (-1, head_dim))
         return query, key, value
+
+
+def match_batch(call: CallState, rows: int) -> None:
+    """Make ``call`` fit the batch the attention actually sees.
+
+    A hook inside the transformer may run fewer rows than the call was given: FasterCache drops the
+    unconditional half of a batched classifier-free-guidance call on the steps where it approximates
+    it. The conditional rows are then all there is (and all that is mapped); anything else is refused.
+    """
+    if rows == call.batch_size:
+        return
+    half = call.map_rows
+    if half is not None and half.stop - half.start == rows and call.concepts is not None:
+        call.concepts = call.concepts[half]
+        call.batch_size, call.map_rows = rows, None
+        return
+    raise RuntimeError(f"the transformer was called with {call.batch_size} rows but its attention ran on {rows}; "
+                       "a hook changed the batch in a way ConceptAttention cannot follow")
 
 
 def clip_to_dtype(rows: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ from typing import Any
 
 from ..media import VIDEO_SUFFIXES
 from .console import silence_loading
-from .parsing import EXIT_OK, UsageError, parse_concepts, parse_indices, parse_size, slug
+from .parsing import EXIT_OK, UsageError, parse_concepts, parse_indices, parse_size, slug, writable_folder
 
 
 def _console():
@@ -42,19 +42,9 @@ def _report(maps: Any, out: Path, started: float, console: Any) -> None:
     console.print(f"wrote {out}/ ({files}) in {time.perf_counter() - started:.1f} s")
 
 
-def writable_folder(path: str | Path) -> Path:
-    """``path`` as an output folder we can write to, created if needed; a UsageError before any model work."""
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file; give a folder (it will hold the images, maps and metadata)")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".concept-attention-write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as error:
-        raise UsageError(f"cannot write to --out {out}: {error.strerror or error}") from None
-    return out
+def _shared_options(args: argparse.Namespace) -> tuple[Any, list[str], tuple[int, int] | None, list[int] | None]:
+    """(console, concepts, size, layers) as generate and explain read them."""
+    return _console(), parse_concepts(args.concepts), parse_size(args.size), parse_indices(args.layers, "--layers")
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -62,10 +52,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
     from ..generation import generate
 
-    console = _console()
-    concepts = parse_concepts(args.concepts)
-    size = parse_size(args.size)
-    layers = parse_indices(args.layers, "--layers")
+    console, concepts, size, layers = _shared_options(args)
     timesteps = parse_indices(args.timesteps, "--timesteps")
     if args.steps is not None and args.steps < 1:
         raise UsageError("--steps must be at least 1")
@@ -96,10 +83,7 @@ def run_explain(args: argparse.Namespace) -> int:
     from ..video import load_video
     from ..video_explanation import explain_video
 
-    console = _console()
-    concepts = parse_concepts(args.concepts)
-    size = parse_size(args.size)
-    layers = parse_indices(args.layers, "--layers")
+    console, concepts, size, layers = _shared_options(args)
     suffix = Path(args.image).suffix.lower()
     is_video = suffix in VIDEO_SUFFIXES
     if args.frames is not None and not is_video:

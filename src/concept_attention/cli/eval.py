@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .console import quiet_console, silence_loading
-from .parsing import parse_indices, parse_size
+from .parsing import parse_indices, parse_size, writable_folder
 from ..evaluation.runner import (
     DEFAULT_BACKGROUND, EvalSettings, MethodConfig, ResumeError, Runner, ablation_methods, prepare_folder,
     read_records, run_fingerprint, write_summary,
@@ -100,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         layers, size = parse_indices(args.layers, "--layers"), parse_size(args.size)
         samples, num_classes, protocol = load_samples(args.dataset, args.data_dir, args.limit, rank, world)
-        writable(Path(args.out))
+        writable_folder(args.out)
     except (ValueError, FileNotFoundError) as error:
         return _error(error)
     from ..loading import load_pipeline
@@ -154,18 +154,6 @@ def _wait(state: Any, world: int) -> None:
 def _error(error: Exception) -> int:
     print(f"concept-attention eval: error: {error}", file=sys.stderr)
     return 2
-
-
-def writable(out: Path) -> None:
-    """Refuse an --out that is a file or cannot be written, before the model loads."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file; give a folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / ".write-test").write_bytes(b"")
-        (out / ".write-test").unlink()
-    except OSError as error:
-        raise ValueError(f"cannot write to --out {out}: {error.strerror or error}") from None
 
 
 def _background(args: argparse.Namespace, samples: Any) -> tuple[str, ...]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from ..core.defaults import parse_concepts as _parse_concepts
 
@@ -54,3 +55,18 @@ def parse_indices(text: str | None, option: str) -> list[int] | None:
 def slug(text: str, limit: int = 40) -> str:
     cleaned = re.sub(r"[^0-9A-Za-z]+", "-", text).strip("-").lower()
     return cleaned[:limit].strip("-") or "run"
+
+
+def writable_folder(path: str | Path) -> Path:
+    """``path`` as an output folder we can write to, created if needed; a UsageError before any model work."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; give a folder (it will hold the images, maps and metadata)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".concept-attention-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise UsageError(f"cannot write to --out {out}: {error.strerror or error}") from None
+    return out

@@ -2,7 +2,8 @@
 
 Three hooks, each undone when the session ends:
 
-* on the **transformer**: a forward pre-hook and a forward hook mark the start and end of each call;
+* on the **transformer** (or the ``torch.compile`` wrapper that is called instead): its class-level
+  ``__call__`` marks the start and end of each call, outside any compiled code;
 * on the transformer's ``cache_context`` (the context manager diffusers pipelines wrap their
   conditional and unconditional calls in, e.g. ``"cond"``/``"uncond"``): an instance-level wrapper
   records the current context name;
@@ -64,17 +65,55 @@ def is_conditional(layout: str, signals: CallSignals, timestep: Any) -> bool:
     return True
 
 
+_CALL_WATCHERS = "_concept_attention_call_watchers"
+_WATCHED_CLASSES: dict[type, type] = {}
+
+
 def hook_transformer_calls(transformer: nn.Module, before: Callable[[tuple, dict], None],
                            after: Callable[[], None]) -> Callable[[], None]:
-    """Call ``before(args, kwargs)`` and ``after()`` around every forward of ``transformer``; returns the undo."""
-    pre = transformer.register_forward_pre_hook(lambda module, args, kwargs: before(args, kwargs), with_kwargs=True)
-    post = transformer.register_forward_hook(lambda module, args, output: after(), always_call=True)
+    """Call ``before(args, kwargs)`` and ``after()`` around every call of ``transformer``; returns the undo.
+
+    The instance gets a subclass of its own class (one per class, reused by every session, so that
+    ``torch.compile``'s guards on the module's type see the same two types again and again) whose
+    ``__call__`` runs the watchers and then the class's own ``__call__``. The watchers thus run
+    eagerly, before any compiled code (``transformer.compile()``, ``torch.compile(transformer)``,
+    ``compile_repeated_blocks``): their Python bookkeeping causes no graph break and no recompilation.
+    """
+    cls = type(transformer)
+    watched = cls if getattr(cls, "_concept_attention_watched", False) else _watched_class(cls)
+    transformer.__dict__[_CALL_WATCHERS] = (before, after)
+    transformer.__class__ = watched
 
     def undo() -> None:
-        pre.remove()
-        post.remove()
+        transformer.__dict__.pop(_CALL_WATCHERS, None)
+        if type(transformer) is watched and watched is not cls:
+            transformer.__class__ = cls
 
     return undo
+
+
+def _watched_class(cls: type) -> type:
+    watched = _WATCHED_CLASSES.get(cls)
+    if watched is not None:
+        return watched
+    base_call = cls.__call__
+
+    @torch.compiler.disable(recursive=False)  # this frame only: the call inside is compiled as usual
+    def __call__(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        watchers = self.__dict__.get(_CALL_WATCHERS)
+        if watchers is None:
+            return base_call(self, *args, **kwargs)
+        before, after = watchers
+        before(args, kwargs)
+        try:
+            return base_call(self, *args, **kwargs)
+        finally:
+            after()
+
+    watched = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__,
+                                          "__qualname__": cls.__qualname__, "_concept_attention_watched": True})
+    _WATCHED_CLASSES[cls] = watched
+    return watched
 
 
 def watch_cache_context(transformer: nn.Module, signals: CallSignals) -> Callable[[], None]:
@@ -84,10 +123,10 @@ def watch_cache_context(transformer: nn.Module, signals: CallSignals) -> Callabl
         return lambda: None
 
     @contextlib.contextmanager
-    def cache_context(name: str):
+    def cache_context(name: str, *args: Any, **kwargs: Any):  # e.g. step_index=, sigma= (read by caches)
         previous, signals.context_name = signals.context_name, name
         try:
-            with original(name):
+            with original(name, *args, **kwargs):
                 yield
         finally:
             signals.context_name = previous

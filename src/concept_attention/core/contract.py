@@ -48,6 +48,35 @@ class CallState:
     """The family's modulation input for the concept rows (a ``temb``, a text modulation table, ...)."""
     concept_rotary: Any = None
     """Rotary embedding of the concept rows, for families whose text tokens have positions."""
+    skipped_blocks: tuple[int, ...] = ()
+    """Blocks the model itself leaves out of this call (e.g. SD3's ``skip_layers``): their processors do not run,
+    and that is no sign of a cache reusing outputs."""
+
+
+@dataclass(eq=False)
+class BlockSlot:
+    """One wrapped block's part in a session: fixed flags to read, per-call results to write.
+
+    A processor gets its slot once (:meth:`Recorder.block_slot`) and inside a call touches nothing
+    block-specific but its slot, so code traced by ``torch.compile`` holds no per-block integer
+    (one compiled graph serves every block, e.g. with ``compile_repeated_blocks``). The session
+    reads the results after the call, outside any compiled code.
+    """
+
+    index: int
+    records: bool
+    """Whether this block's maps are recorded."""
+    updates: bool
+    """Whether the concept rows continue past this block (a later block is recorded)."""
+    ran: bool = False
+    """Set when the concept step ran in the current call (a cache that skips the block leaves it False)."""
+    maps: dict[str, torch.Tensor] | None = None
+    """This call's ``(batch, tokens, concepts)`` maps per space."""
+    vectors: tuple[torch.Tensor, torch.Tensor | None] | None = None
+    """This call's raw (image, concept) output vectors (``keep_vectors``)."""
+
+    def clear(self) -> None:
+        self.ran, self.maps, self.vectors = False, None, None
 
 
 @dataclass(frozen=True)
@@ -82,10 +111,13 @@ class Recorder(Protocol):
     def last_layer(self) -> int:
         """The deepest recorded block: concept rows need no update after it."""
 
-    def attend_and_record(self, block_index: int, concept_query: torch.Tensor, concept_key: torch.Tensor,
+    def block_slot(self, block_index: int) -> BlockSlot:
+        """The slot of a wrapped block (asked once, when its processor is made)."""
+
+    def attend_and_record(self, slot: BlockSlot, concept_query: torch.Tensor, concept_key: torch.Tensor,
                           concept_value: torch.Tensor, image_key: torch.Tensor, image_value: torch.Tensor,
                           image_output: torch.Tensor) -> torch.Tensor:
-        """Concept attention over ``[image keys; concept keys]``, scored into the maps; returns ``o_c``."""
+        """Concept attention over ``[image keys; concept keys]``, scored into ``slot``; returns ``o_c``."""
 
 
 class ModelAdapter(ABC):

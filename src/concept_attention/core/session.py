@@ -14,7 +14,7 @@ from .calls import (
     CallSignals, call_layout, check_cfg, hook_transformer_calls, is_conditional, watch_cache_context,
     watch_pipeline_calls,
 )
-from .contract import CallState, ModelAdapter, resolve_adapter
+from .contract import BlockSlot, CallState, ModelAdapter, resolve_adapter
 from .defaults import check_concepts, model_default_layers, non_empty_list, pipeline_defaults, resolve_layers
 from .maps import ConceptMaps
 from .scoring import SPACES, BlockActivations, ConceptGroups, RunningMaps, concept_attention, concept_maps, token_scores
@@ -127,6 +127,7 @@ class ConceptAttention:
                  keep_vectors: bool = False, max_sequence_length: int | None = None, cfg: str = "auto") -> None:
         self.concepts = check_concepts(concepts)
         self.transformer, self.pipeline = split_model(model)
+        self._called = called_module(model)
         self.adapter: ModelAdapter = resolve_adapter(self.transformer)
         self.layers = resolve_layers(layers, len(self.adapter.dual_blocks),
                                      model_default_layers(self.pipeline, self.adapter))
@@ -164,7 +165,7 @@ class ConceptAttention:
         self._reset()
         try:
             self.adapter.install(self, range(max(self.layers) + 1))
-            self.adapter.on_undo(hook_transformer_calls(self.transformer, self._begin_call, self._end_call))
+            self.adapter.on_undo(hook_transformer_calls(self._called, self._begin_call, self._end_call))
             self.adapter.on_undo(watch_cache_context(self.transformer, self._signals))
             if self.pipeline is not None:
                 self.adapter.on_undo(watch_pipeline_calls(self.pipeline, self._signals))
@@ -187,14 +188,21 @@ class ConceptAttention:
         self._call = None
         _ACTIVE.discard(self.transformer)
         self.adapter.restore()
+        if self._skipped_steps:
+            warnings.warn(f"{len(self._skipped_steps)} of {self._steps_seen} denoising steps were not computed through "
+                          "every concept block (a cache such as First Block Cache, TaylorSeer or Pyramid Attention "
+                          "Broadcast reused block or attention outputs): their maps were left out; see "
+                          "maps.meta['skipped_steps']", stacklevel=2)
 
     def _reset(self) -> None:
         self._sums = RunningMaps(self.layers, self.spaces)
         self._averaging: torch.Tensor | None = None
         self._call: CallState | None = None
+        self._slots: dict[int, BlockSlot] = {}
         self._steps_seen = 0
         self._recorded_steps: list[int] = []
         self._recorded_timesteps: list[float] = []
+        self._skipped_steps: list[int] = []
         self._grid: tuple[int, ...] = ()
         self.vectors: list[dict[str, Any]] = []
 
@@ -215,13 +223,15 @@ class ConceptAttention:
             self.adapter.verify_processors()
             with torch.no_grad():
                 self.adapter.begin_call(bound, call)
-                call.concepts = self._concept_rows(bound).unsqueeze(0).expand(call.batch_size, -1, -1)
+                rows = self._concept_rows(bound)
+                call.concepts = rows.unsqueeze(0).expand(call.batch_size, -1, -1).contiguous()
             if layout == "batched":
                 call.map_rows = _second_half(call.batch_size)
             self._check_grid(call.grid)
-            self._recorded_steps.append(step)
-            if call.timestep is not None:
-                self._recorded_timesteps.append(call.timestep)
+            if self._averaging is None or self._averaging.device != rows.device:
+                self._averaging = self.groups.averaging_matrix(rows.device)
+            for slot in self._slots.values():
+                slot.clear()
         self._call = call
 
     def _concept_rows(self, bound: inspect.BoundArguments) -> torch.Tensor:
@@ -240,7 +250,36 @@ class ConceptAttention:
         self._grid = grid
 
     def _end_call(self) -> None:
-        self._call = None
+        """Add a mapped call's maps to the running sums if the concept stream ran through every wrapped block.
+
+        A cache that skipped a block or reused its attention (the block's processor never ran) leaves the
+        call incomplete: its step is listed in ``maps.meta["skipped_steps"]`` instead of being recorded.
+        """
+        call, self._call = self._call, None
+        if call is None or not call.active:
+            return
+        slots = sorted(self._slots.values(), key=lambda slot: slot.index)
+        if not all(slot.ran or slot.index in call.skipped_blocks for slot in slots):
+            self._skipped_steps.append(call.step)
+            return
+        for slot in slots:
+            if slot.records and slot.maps is not None:
+                for space, maps in slot.maps.items():
+                    self._sums.add(slot.index, space, maps)
+                if slot.vectors is not None:
+                    self.vectors.append(_raw_vectors(call.step, slot.index, *slot.vectors))
+            slot.clear()
+        self._recorded_steps.append(call.step)
+        if call.timestep is not None:
+            self._recorded_timesteps.append(call.timestep)
+
+    def block_slot(self, block_index: int) -> BlockSlot:
+        """The slot of a wrapped block (the recorder protocol): whether it records maps and feeds a later block."""
+        slot = self._slots.get(block_index)
+        if slot is None:
+            slot = self._slots[block_index] = BlockSlot(block_index, records=self.wants_maps(block_index),
+                                                        updates=block_index < self.last_layer)
+        return slot
 
     @property
     def concept_sizes(self) -> tuple[int, ...]:
@@ -261,35 +300,40 @@ class ConceptAttention:
     def wants_maps(self, block_index: int) -> bool:
         return block_index in self.layers
 
-    def attend_and_record(self, block_index: int, concept_query: torch.Tensor, concept_key: torch.Tensor,
+    def attend_and_record(self, slot: BlockSlot, concept_query: torch.Tensor, concept_key: torch.Tensor,
                           concept_value: torch.Tensor, image_key: torch.Tensor, image_value: torch.Tensor,
                           image_output: torch.Tensor) -> torch.Tensor:
         """Concept attention with this session's ablation switches, then :meth:`record`; returns ``o_c``."""
         concept_output = concept_attention(
             concept_query, concept_key, concept_value, image_key, image_value,
             cross_attention=self.concept_cross_attention, self_attention=self.concept_self_attention)
-        self.record(block_index, BlockActivations(
-            concept_query=concept_query, concept_key=concept_key, concept_value=concept_value,
-            image_key=image_key, image_value=image_value, image_output=image_output, concept_output=concept_output))
+        slot.ran = True
+        if slot.records:
+            self.record(slot, BlockActivations(
+                concept_query=concept_query, concept_key=concept_key, concept_value=concept_value, image_key=image_key,
+                image_value=image_value, image_output=image_output, concept_output=concept_output))
         return concept_output
 
-    def record(self, block_index: int, activations: BlockActivations) -> None:
-        """Score one block's activations in every requested space and add to the running sums."""
+    def record(self, slot: BlockSlot, activations: BlockActivations) -> None:
+        """Score one block's activations in every requested space into ``slot`` (summed when the call ends).
+
+        Runs inside the transformer call (possibly compiled): it reads only tensors, the call's
+        fixed facts and the slot, and writes only the slot.
+        """
         call = self.current_call
-        if not self.wants_maps(block_index) or call is None:
+        if call is None:
             return
         activations.num_map_tokens = call.num_map_tokens
         if call.map_rows is not None:
             activations = activations.rows(call.map_rows)
-        device = activations.image_output.device
-        if self._averaging is None or self._averaging.device != device:
-            self._averaging = self.groups.averaging_matrix(device)
+        averaging = self._averaging.to(activations.image_output.device)
         softmax = self.softmax and len(self.concepts) > 1
-        for space in self.spaces:
-            scores = token_scores(space, activations)
-            self._sums.add(block_index, space, concept_maps(scores, self._averaging, softmax=softmax))
+        slot.maps = {space: concept_maps(token_scores(space, activations), averaging, softmax=softmax)
+                     for space in self.spaces}
         if self.keep_vectors:
-            self.vectors.append(_raw_vectors(call, block_index, activations))
+            concept = activations.concept_output
+            slot.vectors = (activations.image_output[:, :call.num_map_tokens].flatten(2),
+                            None if concept is None else concept.flatten(2))
 
     # ------------------------------------------------------------------ results
     @property
@@ -308,8 +352,11 @@ class ConceptAttention:
         if space not in self.spaces:
             raise ValueError(f"space {space!r} was not recorded; this session recorded {list(self.spaces)}")
         if self._sums.empty:
+            skipped = f"; steps {self._skipped_steps} were skipped by a cache" if self._skipped_steps else ""
             raise RuntimeError("no maps were recorded: call the pipeline or transformer inside the "
-                               "`with ConceptAttention(...)` block (and check that `timesteps` selects steps that ran)")
+                               "`with ConceptAttention(...)` block (and check that `timesteps` selects steps that ran; "
+                               "a torch.compile(transformer) wrapper must itself be given to ConceptAttention, or "
+                               f"the pipeline holding it){skipped}")
         per_layer_tokens = self._sums.mean(space)  # (L, B, N, C)
         layers, batch, _, concepts = per_layer_tokens.shape
         per_layer = per_layer_tokens.permute(0, 1, 3, 2).reshape(layers, batch, concepts, *self._grid)
@@ -323,7 +370,18 @@ class ConceptAttention:
         return {"model": type(self.transformer).__name__, "family": self.adapter.family,
                 "concept_tokens": list(self.groups.sizes), "concept_modulation": self.concept_modulation,
                 "concept_self_attention": self.concept_self_attention,
-                "concept_cross_attention": self.concept_cross_attention}
+                "concept_cross_attention": self.concept_cross_attention, "skipped_steps": list(self._skipped_steps)}
+
+
+def unwrap_compiled(module: nn.Module) -> nn.Module:
+    """The module a ``torch.compile(module)`` wrapper compiles (the module itself if it is no wrapper)."""
+    inner = getattr(module, "_orig_mod", None)
+    return inner if isinstance(inner, nn.Module) else module
+
+
+def called_module(model: Any) -> nn.Module | None:
+    """The module that is called to run the transformer: the transformer, or the ``torch.compile`` wrapper around it."""
+    return model if isinstance(model, nn.Module) else getattr(model, "transformer", None)
 
 
 def _second_half(batch: int) -> slice:
@@ -332,21 +390,19 @@ def _second_half(batch: int) -> slice:
     return slice(batch // 2, batch)
 
 
-def _raw_vectors(call: CallState, block_index: int, activations: BlockActivations) -> dict[str, Any]:
-    n = call.num_map_tokens
-    concept = activations.concept_output
-    return {"step": call.step, "layer": block_index,
-            "image_output": activations.image_output[:, :n].flatten(2).detach().cpu(),
-            "concept_output": concept.flatten(2).detach().cpu() if concept is not None else None}
+def _raw_vectors(step: int, block_index: int, image: torch.Tensor, concept: torch.Tensor | None) -> dict[str, Any]:
+    return {"step": step, "layer": block_index, "image_output": image.detach().cpu(),
+            "concept_output": concept.detach().cpu() if concept is not None else None}
 
 
 def split_model(model: Any) -> tuple[nn.Module, Any]:
-    """(transformer, pipeline-or-None) from a diffusers pipeline or a bare transformer."""
+    """(transformer, pipeline-or-None) from a diffusers pipeline or a bare transformer; a ``torch.compile``
+    wrapper (``OptimizedModule``) is seen through to the transformer it compiles."""
     if isinstance(model, nn.Module):
-        return model, None
+        return unwrap_compiled(model), None
     transformer = getattr(model, "transformer", None)
     if isinstance(transformer, nn.Module):
-        return transformer, model
+        return unwrap_compiled(transformer), model
     raise TypeError("ConceptAttention needs a diffusers pipeline with a `transformer` (e.g. FluxPipeline) or a "
                     f"transformer model (e.g. FluxTransformer2DModel), got {type(model).__name__}")
 
