@@ -38,18 +38,6 @@ def recent_loss(loss_csv: Path, step: int, window: int = 200, column: str = "los
     return round(sum(values) / len(values), 5) if values else None
 
 
-def write_defaults(model_dir: Path) -> dict:
-    """The packaged ``concept_attention.json`` with this build's size, T5 length and every dual block."""
-    from concept_attention.embedded import DEFAULT_SIZE, MAX_SEQUENCE_LENGTH
-
-    packaged = ROOT / "src" / "concept_attention" / "models" / "embedded" / "concept_attention.json"
-    config = json.loads((model_dir / "transformer" / "config.json").read_text())
-    defaults = {**json.loads(packaged.read_text()), "size": DEFAULT_SIZE, "max_sequence_length": MAX_SEQUENCE_LENGTH,
-                "layers": list(range(config["num_layers"]))}
-    (model_dir / "concept_attention.json").write_text(json.dumps(defaults, indent=2))
-    return defaults
-
-
 def caption_reliance(pipe, levels=(0.9, 0.95, 0.98), count: int = 48) -> dict[str, float]:
     """Flow loss with the empty caption minus with the full caption on ``count`` training scenes.
 
@@ -152,7 +140,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="track-embedded-"))
     model_dir = Path(args.keep) if args.keep else work / "model"
     export(args.ckpt, str(model_dir))
-    defaults = write_defaults(model_dir)
+    defaults = json.loads((model_dir / "concept_attention.json").read_text())  # written by export
 
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "scenes.py"), "--model", str(model_dir),
