@@ -1,4 +1,4 @@
-"""Cost of ConceptAttention in one FLUX.1 dual-stream block at real width (CPU, fp32).
+"""Cost of ConceptAttention in one FLUX.1 dual-stream block at real width (CPU fp32, or a CUDA GPU in bf16).
 
 One ``FluxTransformerBlock`` of FLUX.1's real size (3072 wide, 24 heads × 128) with random
 weights, 512 text tokens, 10 concepts, 1024 and 4096 image tokens. Times, inside the block:
@@ -14,10 +14,16 @@ records maps *and* updates the concept rows for the next block (the steady state
 
 Variants are interleaved in every repetition so that ratios come from the same run. Because
 end-to-end block times on a shared 2-core machine vary by several percent between repetitions,
-the time spent in the concept stream itself (``FluxConceptProcessor._concept_step``: concept
-projections, concept attention, scores, running sums, the concept MLP) is also timed directly;
-its share of the plain block time is the overhead that does not depend on that noise.
-Usage: ``python benchmarks/overhead.py [--quick] [--tokens 1024 4096] [--repeats 3]``
+the time spent in the concept stream itself (``FluxConceptProcessor._concept_step`` and the concept
+row update it returns: concept projections, concept attention, scores, the concept MLP) is also
+timed directly; its share of the plain block time is the overhead that does not depend on that
+noise. ``GEMMs`` is the part of it spent in the text-stream linear layers on the concept rows (the
+second read of those weights: modulation, q/k/v, output projection, MLP).
+
+On a CUDA machine (``--device auto``, the default, picks it) the model runs in bf16 on the GPU and
+every time is read from CUDA events; memory is the peak of ``torch.cuda.max_memory_allocated``
+above the start instead of the process's resident memory.
+Usage: ``python benchmarks/overhead.py [--quick] [--tokens 1024 4096] [--repeats 3] [--device cpu|cuda]``
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import os
 import statistics
 import threading
 import time
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -38,6 +45,7 @@ import concept_attention.core.session as session_module
 from concept_attention import ConceptAttention
 
 WIDTH, HEADS, HEAD_DIM, TEXT_TOKENS, T5_DIM = 3072, 24, 128, 512, 4096
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def naive_concept_attention(concept_query, concept_key, concept_value, image_key, image_value, **_):
@@ -51,6 +59,26 @@ def naive_concept_attention(concept_query, concept_key, concept_value, image_key
     value = torch.cat([concept_value, image_value], dim=1).transpose(1, 2)
     out = F.scaled_dot_product_attention(query, key, value).transpose(1, 2)
     return out[:, : concept_query.shape[1]]
+
+
+class Clock:
+    """Time stamps: ``perf_counter`` on the CPU, CUDA events on a GPU (read after one synchronize)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def stamp(self) -> Any:
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def seconds(self, spans: list[tuple[Any, Any]]) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return sum(start.elapsed_time(end) for start, end in spans) / 1000
+        return sum(end - start for start, end in spans)
 
 
 class PeakRSS:
@@ -85,7 +113,21 @@ class PeakRSS:
         return (self.peak - self.start) / 2**20
 
 
-def build_model():
+class PeakCUDA:
+    """The peak of allocated GPU memory above the start."""
+
+    def __enter__(self) -> "PeakCUDA":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        self.start = torch.cuda.memory_allocated()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        torch.cuda.synchronize()
+        self.extra_mib = (torch.cuda.max_memory_allocated() - self.start) / 2**20
+
+
+def build_model(device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32):
     from diffusers import FluxTransformer2DModel
 
     torch.manual_seed(0)
@@ -93,15 +135,17 @@ def build_model():
         num_layers=2, num_single_layers=0, attention_head_dim=HEAD_DIM, num_attention_heads=HEADS,
         joint_attention_dim=T5_DIM, guidance_embeds=True,
     )
+    if device.type != "cpu" or dtype != torch.float32:
+        model = model.to(device=device, dtype=dtype)
     return model.eval()
 
 
-def model_inputs(tokens: int):
+def model_inputs(tokens: int, device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32):
     from diffusers import FluxPipeline
 
     side = int(tokens**0.5)
     g = torch.Generator().manual_seed(0)
-    return {
+    inputs = {
         "hidden_states": torch.randn(1, side * side, 64, generator=g),
         "encoder_hidden_states": torch.randn(1, TEXT_TOKENS, T5_DIM, generator=g),
         "pooled_projections": torch.randn(1, 768, generator=g),
@@ -110,28 +154,57 @@ def model_inputs(tokens: int):
         "img_ids": FluxPipeline._prepare_latent_image_ids(1, side, side, "cpu", torch.float32),
         "txt_ids": torch.zeros(TEXT_TOKENS, 3),
     }
+    floating = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance")
+    return {k: v.to(device=device, dtype=dtype if k in floating else v.dtype) for k, v in inputs.items()}
 
 
-def time_block(model, inputs, variant: str, concepts: list[str], embeds) -> tuple[float, float, float]:
-    """Seconds inside the dual block, seconds inside the concept step, peak extra RSS (MiB)."""
-    block = model.transformer_blocks[0]
-    stamps: dict[str, float] = {"concept": 0.0}
+def text_stream_linears(block) -> list[torch.nn.Module]:
+    """The text-stream linear layers a concept row goes through in a dual block."""
+    attn = block.attn
+    return [block.norm1_context.linear, attn.add_q_proj, attn.add_k_proj, attn.add_v_proj, attn.to_add_out,
+            block.ff_context.net[0].proj, block.ff_context.net[2]]
+
+
+def timed_concept_step(spans: dict[str, list], clock: Clock, state: dict[str, bool]):
+    """``FluxConceptProcessor._concept_step`` timed in block 0, with the concept-row update it returns."""
     step = flux_adapter.FluxConceptProcessor._concept_step
 
-    def timed_step(self, *args, **kwargs):
-        start = time.perf_counter()
+    def timed(run):
+        state["concept"] = True
+        start = clock.stamp()
         try:
-            return step(self, *args, **kwargs)
+            return run()
         finally:
-            if self.block_index == 0:  # the timed block
-                stamps["concept"] += time.perf_counter() - start
+            spans["concept"].append((start, clock.stamp()))
+            state["concept"] = False
 
+    def timed_step(self, *args, **kwargs):
+        if self.block_index != 0:  # the timed block
+            return step(self, *args, **kwargs)
+        update = timed(lambda: step(self, *args, **kwargs))
+        return None if update is None else (lambda: timed(update))
+
+    return step, timed_step
+
+
+def time_block(model, inputs, variant: str, concepts: list[str], embeds, clock: Clock) -> tuple[float, ...]:
+    """Seconds inside the dual block, in the concept step, in its text-stream GEMMs; peak extra memory (MiB)."""
+    block = model.transformer_blocks[0]
+    spans: dict[str, list] = {"block": [], "concept": [], "gemm": []}
+    state = {"concept": False}
+    pending: list[Any] = []
+    step, timed_step = timed_concept_step(spans, clock, state)
+    handles = [block.register_forward_pre_hook(lambda m, a: pending.append(clock.stamp())),
+               block.register_forward_hook(lambda m, a, o: spans["block"].append((pending.pop(), clock.stamp())))]
+    for linear in text_stream_linears(block):
+        handles.append(linear.register_forward_pre_hook(
+            lambda m, a: pending.append(clock.stamp()) if state["concept"] else None))
+        handles.append(linear.register_forward_hook(
+            lambda m, a, o: spans["gemm"].append((pending.pop(), clock.stamp())) if state["concept"] else None))
     flux_adapter.FluxConceptProcessor._concept_step = timed_step
-    pre = block.register_forward_pre_hook(lambda m, a: stamps.__setitem__("start", time.perf_counter()))
-    post = block.register_forward_hook(lambda m, a, o: stamps.__setitem__("end", time.perf_counter()))
     original = session_module.concept_attention
     try:
-        with torch.inference_mode(), PeakRSS() as memory:
+        with torch.inference_mode(), (PeakCUDA() if clock.cuda else PeakRSS()) as memory:
             if variant == "plain":
                 model(**inputs)
             else:
@@ -143,51 +216,68 @@ def time_block(model, inputs, variant: str, concepts: list[str], embeds) -> tupl
     finally:
         session_module.concept_attention = original
         flux_adapter.FluxConceptProcessor._concept_step = step
-        pre.remove()
-        post.remove()
-    return stamps["end"] - stamps["start"], stamps["concept"], memory.extra_mib
+        for handle in handles:
+            handle.remove()
+    return (clock.seconds(spans["block"]), clock.seconds(spans["concept"]), clock.seconds(spans["gemm"]),
+            memory.extra_mib)
+
+
+def parse_arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="1024 image tokens, 2 repeats on the CPU (< 2 minutes)")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096])
+    parser.add_argument("--repeats", type=int, default=None, help="default: 3 on the CPU, 10 on a GPU")
+    parser.add_argument("--concepts", type=int, default=10)
+    parser.add_argument("--device", default="auto", help="auto (a CUDA GPU if there is one), cpu or cuda[:index]")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp32 on the CPU, bf16 on a GPU")
+    args = parser.parse_args()
+    args.device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                               else "cpu" if args.device == "auto" else args.device)
+    gpu = args.device.type == "cuda"
+    args.dtype = DTYPES[args.dtype or ("bf16" if gpu else "fp32")]
+    if args.quick:
+        args.tokens, args.repeats = [1024], args.repeats or (5 if gpu else 2)
+    args.repeats = args.repeats or (10 if gpu else 3)
+    return args
+
+
+def describe(args: argparse.Namespace, concepts: int) -> str:
+    dtype = {v: k for k, v in DTYPES.items()}[args.dtype]
+    where = (f"{torch.cuda.get_device_name(args.device)}, CUDA events" if args.device.type == "cuda"
+             else f"{torch.get_num_threads()} threads")
+    return (f"FLUX.1 dual block, width {WIDTH} ({HEADS}×{HEAD_DIM}), {TEXT_TOKENS} text tokens, "
+            f"{concepts} concepts, {dtype}, {where}")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="1024 image tokens, 2 repeats (< 2 minutes)")
-    parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--concepts", type=int, default=10)
-    args = parser.parse_args()
-    if args.quick:
-        args.tokens, args.repeats = [1024], 2
+    args = parse_arguments()
     torch.set_grad_enabled(False)
     started = time.perf_counter()
-    model = build_model()
+    clock = Clock(args.device)
+    model = build_model(args.device, args.dtype)
     concepts = [f"concept{i}" for i in range(args.concepts)]
     g = torch.Generator().manual_seed(1)
     embeds = [torch.randn(1, T5_DIM, generator=g) for _ in concepts]
-    print(f"FLUX.1 dual block, width {WIDTH} ({HEADS}×{HEAD_DIM}), {TEXT_TOKENS} text tokens, "
-          f"{len(concepts)} concepts, fp32, {torch.get_num_threads()} threads")
+    print(describe(args, len(concepts)))
     print(f"{'image tokens':>12} | {'plain s':>8} | {'concept s':>9} | {'naive s':>8} | "
           f"{'concept/plain':>13} | {'naive/plain':>11} | {'concept step':>12} | {'naive step':>10} | "
-          f"{'extra MiB concept':>17} | {'naive':>7}")
+          f"{'extra MiB concept':>17} | {'naive':>7} | {'GEMMs':>6}")
     variants = ("plain", "concept", "naive")
     for tokens in args.tokens:
-        inputs = model_inputs(tokens)
-        time_block(model, inputs, "concept", concepts, embeds)  # warm-up
-        times: dict[str, list[float]] = {v: [] for v in variants}
-        steps: dict[str, list[float]] = {v: [] for v in variants}
-        memory: dict[str, list[float]] = {v: [] for v in variants}
+        inputs = model_inputs(tokens, args.device, args.dtype)
+        for variant in variants if clock.cuda else ("concept",):  # warm-up (every kernel once on a GPU)
+            time_block(model, inputs, variant, concepts, embeds, clock)
+        results: dict[str, list[tuple[float, ...]]] = {v: [] for v in variants}
         for _ in range(args.repeats):
             for variant in variants:
-                seconds, concept_seconds, mib = time_block(model, inputs, variant, concepts, embeds)
-                times[variant].append(seconds)
-                steps[variant].append(concept_seconds)
-                memory[variant].append(mib)
-        med = {v: statistics.median(t) for v, t in times.items()}
-        step = {v: statistics.median(t) for v, t in steps.items()}
-        mem = {v: statistics.median(m) - statistics.median(memory["plain"]) for v, m in memory.items()}
-        print(f"{tokens:>12} | {med['plain']:>8.3f} | {med['concept']:>9.3f} | {med['naive']:>8.3f} | "
-              f"{med['concept'] / med['plain'] - 1:>+12.1%} | {med['naive'] / med['plain'] - 1:>+10.1%} | "
-              f"{step['concept'] / med['plain']:>11.1%} | {step['naive'] / med['plain']:>9.1%} | "
-              f"{mem['concept']:>17.0f} | {mem['naive']:>7.0f}")
+                results[variant].append(time_block(model, inputs, variant, concepts, embeds, clock))
+        med = {v: [statistics.median(column) for column in zip(*rows)] for v, rows in results.items()}
+        plain = med["plain"][0]
+        mem = {v: med[v][3] - med["plain"][3] for v in variants}
+        print(f"{tokens:>12} | {plain:>8.3f} | {med['concept'][0]:>9.3f} | {med['naive'][0]:>8.3f} | "
+              f"{med['concept'][0] / plain - 1:>+12.1%} | {med['naive'][0] / plain - 1:>+10.1%} | "
+              f"{med['concept'][1] / plain:>11.1%} | {med['naive'][1] / plain:>9.1%} | "
+              f"{mem['concept']:>17.0f} | {mem['naive']:>7.0f} | {med['concept'][2] / plain:>5.1%}")
     print(f"total {time.perf_counter() - started:.0f} s")
 
 

@@ -13,8 +13,13 @@ switched off (zero), so the prompt reaches the image only through T5 tokens in a
 Beyond denoising, a **binding objective** (``--binding-weight``, 0 = off): on captions that name only
 colours ("a red object and a blue object on grass") or only shapes, a linear head per dual block
 reads each named word's text state after that block and predicts its object's shape (or colour).
-The word can only answer by finding its own object in the image. The heads are dropped at export;
-no attention map is ever a target. Data and captions: ``concept_attention.scenes.training``.
+The word can only answer by finding its own object in the image. Optionally (``--concept-binding-weight``)
+the same kind of task on a **concept stream**: every colour, shape and background word, each encoded
+alone, is appended to the prompt behind an attention mask (nothing attends to these rows but
+themselves and they do not see the prompt: what ConceptAttention runs, the image is unaffected), and
+heads on these rows predict the word's object's shape or colour, whether a background word is the
+scene's, or that the word's object is absent. The heads are dropped at export; no attention map is
+ever a target. Data and captions: ``concept_attention.scenes.training``.
 
 Batch ``k`` is a pure function of (seed, k), so resuming reproduces the data stream. The checkpoint
 (``<ckpt-dir>/last.pt``, written every ``--save-minutes``, at the end and on SIGTERM/SIGINT) is
@@ -33,7 +38,9 @@ import os
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -42,27 +49,50 @@ import torch
 import torch.nn.functional as F
 
 from concept_attention.embedded import DEFAULT_SIZE, MAX_SEQUENCE_LENGTH, build_pipeline
+from concept_attention.scenes.render import BACKGROUNDS, COLOURS, SHAPES
 from concept_attention.scenes.training import TARGET_CLASSES, render_training_scene, sample_caption
 
 CHECKPOINT_FORMAT = "embedded-flux-v2"
 #: recipe values recorded in the checkpoint; given on the command line > checkpoint > these defaults
 RECIPE_DEFAULTS = {"binding_weight": 1.0, "binding_t_max": 0.8, "t_high_frac": 0.5, "t_high_mean": 3.0,
-                   "tied": 0.0, "decay_start": 0, "decay_steps": 0, "lr_final": 1e-4}
+                   "tied": 0.0, "concept_binding_weight": 0.0, "decay_start": 0, "decay_steps": 0, "lr_final": 1e-4}
+CONCEPT_WORDS = (*COLOURS, *SHAPES, *BACKGROUNDS)
+"""The concept rows of the concept-stream objective: every word the held-out scenes can ask about."""
+ABSENT = 4
+"""Concept-stream target class of a word whose object (or background) is not in the scene."""
 QUANT_BLOCK = 256
 
 
 # --------------------------------------------------------------------------- data
 def make_batch(seed: int, step: int, batch_size: int, size: int = DEFAULT_SIZE):
-    """Batch number ``step``: uint8 images (B, H, W, 3), captions, binding targets per caption. Deterministic."""
+    """Batch number ``step``: uint8 images (B, H, W, 3), captions, binding targets per caption and concept-stream
+    targets ``(B, len(CONCEPT_WORDS))``. Deterministic."""
     rng = np.random.default_rng([seed, step, 0xDA7A])
-    images, captions, targets = [], [], []
+    images, captions, targets, concepts = [], [], [], []
     for scene_seed in rng.integers(0, 1_000_000_000, batch_size):
         scene = render_training_scene(int(scene_seed), size)
         caption = sample_caption(scene, rng)
         images.append(scene.image)
         captions.append(caption.text)
         targets.append(caption.targets)
-    return torch.from_numpy(np.stack(images)), captions, targets
+        concepts.append(concept_targets(scene))
+    return torch.from_numpy(np.stack(images)), captions, targets, torch.tensor(concepts)
+
+
+def concept_targets(scene) -> list[int]:
+    """For each of :data:`CONCEPT_WORDS`: a colour word -> its object's shape, a shape word -> its object's colour,
+    :data:`ABSENT` when no object has it (-100, ignored, when several do); a background word -> 0 when it is
+    the scene's background, else :data:`ABSENT`."""
+    result = []
+    for word in CONCEPT_WORDS:
+        if word in BACKGROUNDS:
+            result.append(0 if scene.background == word else ABSENT)
+            continue
+        attribute, answer = ("colour", "shape") if word in COLOURS else ("shape", "colour")
+        owners = [o for o in scene.objects if getattr(o, attribute) == word]
+        classes = SHAPES if answer == "shape" else COLOURS
+        result.append(ABSENT if not owners else classes.index(getattr(owners[0], answer)) if len(owners) == 1 else -100)
+    return result
 
 
 class BatchStream(torch.utils.data.IterableDataset):
@@ -154,6 +184,48 @@ class BindingHeads(torch.nn.Module):
         return torch.stack(losses).mean(), accuracy
 
 
+class ConceptHeads(torch.nn.Module):
+    """One linear head per dual block on the concept-stream rows: a colour word -> its object's shape, a shape
+    word -> its object's colour, a background word -> whether it is the scene's; or "absent" (5 classes)."""
+
+    KINDS = torch.tensor([0] * len(COLOURS) + [1] * len(SHAPES) + [2] * len(BACKGROUNDS))
+
+    def __init__(self, num_blocks: int, dim: int, classes: int = ABSENT + 1) -> None:
+        super().__init__()
+        self.classes = classes
+        self.linears = torch.nn.ModuleList(torch.nn.Linear(dim, 3 * classes) for _ in range(num_blocks))
+
+    def forward(self, states: list[torch.Tensor], targets: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """Cross-entropy over the kept samples' concept rows (the last ``len(CONCEPT_WORDS)`` text rows) and blocks."""
+        rows = len(CONCEPT_WORDS)
+        labels = targets[keep]
+        if labels.numel() == 0 or not bool((labels >= 0).any()):
+            return states[0].new_zeros(()), float("nan")
+        losses, accuracy = [], float("nan")
+        for linear, state in zip(self.linears, states):
+            logits = linear(state[keep, -rows:]).view(-1, rows, 3, self.classes)
+            logits = logits[:, torch.arange(rows), self.KINDS]  # (kept, rows, classes)
+            losses.append(F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100))
+            valid = labels >= 0
+            accuracy = float((logits.argmax(-1)[valid] == labels[valid]).float().mean())
+        return torch.stack(losses).mean(), accuracy
+
+
+def concept_stream_inputs(prompt_embeds: torch.Tensor, concept_rows: torch.Tensor, image_tokens: int
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The prompt with the concept rows appended, their text ids, and the attention mask that makes them a
+    concept stream: nothing attends to them but themselves, and they do not attend to the prompt."""
+    batch, text = prompt_embeds.shape[:2]
+    rows = concept_rows.shape[0]
+    embeds = torch.cat([prompt_embeds, concept_rows.to(prompt_embeds.dtype).expand(batch, -1, -1)], dim=1)
+    total = text + rows + image_tokens
+    allowed = torch.ones(total, total, dtype=torch.bool)
+    allowed[:, text:text + rows] = False
+    allowed[text:text + rows, text:text + rows] = True
+    allowed[text:text + rows, :text] = False
+    return embeds, torch.zeros(text + rows, 3), allowed
+
+
 class TextStates:
     """Forward hooks that keep the text stream's output of each dual block (for the binding heads)."""
 
@@ -200,8 +272,14 @@ def sample_noise_levels(targets, generator=None, t_high_frac: float = 0.5, t_hig
     return torch.where(has_targets, low, sigma)
 
 
-def training_losses(pipe, heads, states, images_u8, captions, targets, recipe, generator=None, sigma=None):
-    """(flow loss, binding loss, binding accuracy of the last block) for one batch."""
+def training_losses(pipe, heads, states, images_u8, captions, targets, recipe, generator=None, sigma=None,
+                    concept=None):
+    """(flow loss, binding loss, binding accuracy of the last block, concept loss, concept accuracy) for one batch.
+
+    ``concept`` = (concept rows ``(len(CONCEPT_WORDS), text width)``, :class:`ConceptHeads`, targets) adds the
+    concept stream (masked, so the image is unaffected) and its objective on samples noised at most to
+    ``binding_t_max``.
+    """
     x0, img_ids = latents_and_ids(pipe, images_u8)
     with torch.no_grad():
         prompt_embeds, pooled, text_ids = pipe.encode_prompt(
@@ -210,14 +288,21 @@ def training_losses(pipe, heads, states, images_u8, captions, targets, recipe, g
     if sigma is None:
         sigma = sample_noise_levels(targets, generator, recipe["t_high_frac"], recipe["t_high_mean"],
                                     recipe["binding_t_max"])
+    extra = {}
+    if concept is not None:
+        prompt_embeds, text_ids, mask = concept_stream_inputs(prompt_embeds, concept[0], x0.shape[1])
+        extra["joint_attention_kwargs"] = {"attention_mask": mask}
     eps = torch.randn(x0.shape, generator=generator)
     s = sigma[:, None, None]
     pred = pipe.transformer(hidden_states=(1 - s) * x0 + s * eps, timestep=sigma, guidance=None,
                             pooled_projections=pooled, encoder_hidden_states=prompt_embeds, txt_ids=text_ids,
-                            img_ids=img_ids, return_dict=False)[0]
+                            img_ids=img_ids, return_dict=False, **extra)[0]
     flow = F.mse_loss(pred, eps - x0)
     binding, accuracy = heads(states.states, targets)
-    return flow, binding, accuracy
+    if concept is None:
+        return flow, binding, accuracy, flow.new_zeros(()), float("nan")
+    concept_loss, concept_accuracy = concept[1](states.states, concept[2], sigma <= recipe["binding_t_max"])
+    return flow, binding, accuracy, concept_loss, concept_accuracy
 
 
 # --------------------------------------------------------------------------- compact checkpoint
@@ -266,12 +351,12 @@ def trained_parameters(transformer) -> dict[str, torch.nn.Parameter]:
     return {name: p for name, p in transformer.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(path: Path, pipe, heads, ema: dict, opt, step: int, wall: float, args) -> None:
+def save_checkpoint(path: Path, run: "Run", args) -> None:
     ckpt = {
-        "format": CHECKPOINT_FORMAT, "step": step, "wall_seconds": wall, "args": vars(args),
-        "ema": {name: value.to(torch.float16) for name, value in ema.items()},
-        "heads": heads.state_dict(),
-        "optimizer": compact_optimizer_state(opt),
+        "format": CHECKPOINT_FORMAT, "step": run.step, "wall_seconds": run.wall, "args": vars(args),
+        "ema": {name: value.to(torch.float16) for name, value in run.ema.items()},
+        "heads": run.heads.state_dict(), "concept_heads": run.concept_heads.state_dict() if run.concept_on else None,
+        "optimizer": compact_optimizer_state(run.opt),
         "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(),
     }
     tmp = path.with_name(path.name + ".tmp")
@@ -279,7 +364,7 @@ def save_checkpoint(path: Path, pipe, heads, ema: dict, opt, step: int, wall: fl
     os.replace(tmp, path)
 
 
-def load_checkpoint(path, pipe, heads=None, opt=None) -> tuple[dict, dict]:
+def load_checkpoint(path, pipe, heads=None, opt=None, concept_heads=None) -> tuple[dict, dict]:
     """Load a checkpoint: the transformer gets the EMA weights; returns (checkpoint, EMA by name, fp32)."""
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     if ckpt.get("format") != CHECKPOINT_FORMAT:
@@ -291,6 +376,8 @@ def load_checkpoint(path, pipe, heads=None, opt=None) -> tuple[dict, dict]:
             params[name].copy_(value)
     if heads is not None:
         heads.load_state_dict(ckpt["heads"])
+    if concept_heads is not None and ckpt.get("concept_heads") is not None:
+        concept_heads.load_state_dict(ckpt["concept_heads"])
     if opt is not None:
         restore_optimizer_state(opt, ckpt["optimizer"])
     return ckpt, ema
@@ -337,6 +424,9 @@ def parse_args(argv=None):
     recipe.add_argument("--t-high-frac", type=float, default=None,
                         help="share of the other noise levels drawn from logit-normal(--t-high-mean, 1); default 0.5")
     recipe.add_argument("--t-high-mean", type=float, default=None, help="default 3.0")
+    recipe.add_argument("--concept-binding-weight", type=float, default=None,
+                        help="weight of the concept-stream objective (heads on the concept rows predict their object's "
+                        "shape or colour, or that it is absent); default 0")
     recipe.add_argument("--tied", type=float, default=None,
                         help="1 = the text stream shares the image stream's q/k/v and qk-norms (from step 0 only)")
     recipe.add_argument("--decay-start", type=int, default=None, help="step where a linear lr decay starts")
@@ -373,8 +463,36 @@ def recipe_of(args) -> dict:
     return {name: getattr(args, name) for name in RECIPE_DEFAULTS}
 
 
-def start_run(args):
-    """(pipe, heads, states, optimizer, ema, step, wall) for a new or resumed run."""
+@dataclass
+class Run:
+    """Everything a training run carries from step to step."""
+
+    pipe: Any
+    heads: BindingHeads
+    concept_heads: ConceptHeads
+    concept_rows: torch.Tensor
+    states: TextStates
+    opt: torch.optim.Optimizer
+    ema: dict
+    step: int = 0
+    wall: float = 0.0
+
+    @property
+    def concept_on(self) -> bool:
+        """Whether the concept heads are trained (their parameters are the optimiser's second group)."""
+        return len(self.opt.param_groups) > 1
+
+
+def encode_concept_rows(pipe) -> torch.Tensor:
+    """Each word of :data:`CONCEPT_WORDS` encoded alone by the frozen T5, as ConceptAttention encodes concepts."""
+    from concept_attention.adapters.encoding import encode_with_t5
+
+    rows = encode_with_t5(pipe.tokenizer_2, pipe.text_encoder_2, list(CONCEPT_WORDS), MAX_SEQUENCE_LENGTH)
+    return torch.cat(rows)  # one piece per word in the embedded tokenizer
+
+
+def start_run(args) -> Run:
+    """A new or resumed run (the concept heads join the optimiser once the concept objective is on)."""
     last = Path(args.ckpt_dir) / "last.pt"
     saved = torch.load(last, map_location="cpu", weights_only=False) if args.resume and last.exists() else {}
     previous = saved.get("args", {})
@@ -384,28 +502,32 @@ def start_run(args):
     pipe = load_models(args.vae, args.seed, tied=bool(args.tied))
     pipe.transformer.train()
     params = trained_parameters(pipe.transformer)
-    heads = BindingHeads(len(pipe.transformer.transformer_blocks), pipe.transformer.inner_dim)
+    blocks, width = len(pipe.transformer.transformer_blocks), pipe.transformer.inner_dim
+    heads, concept_heads = BindingHeads(blocks, width), ConceptHeads(blocks, width)
     opt = torch.optim.AdamW([*params.values(), *heads.parameters()], lr=args.lr, betas=(0.9, 0.99),
                             weight_decay=args.weight_decay)
-    step, wall = 0, 0.0
+    if saved.get("concept_heads") is not None:
+        opt.add_param_group({"params": list(concept_heads.parameters())})
+    run = Run(pipe, heads, concept_heads, encode_concept_rows(pipe), None, opt,
+              {name: p.detach().clone() for name, p in params.items()})
     if previous:
-        ckpt, ema = load_checkpoint(last, pipe, heads, opt)
-        step, wall = ckpt["step"], ckpt["wall_seconds"]
+        ckpt, run.ema = load_checkpoint(last, pipe, heads, opt, concept_heads)
+        run.step, run.wall = ckpt["step"], ckpt["wall_seconds"]
         torch.set_rng_state(ckpt["torch_rng"])
         np.random.set_state(ckpt["numpy_rng"])
-        print(f"resumed from {last} at step {step} ({wall / 3600:.2f} h trained)", flush=True)
-    else:
-        ema = {name: p.detach().clone() for name, p in params.items()}
-    states = TextStates(pipe.transformer)
+        print(f"resumed from {last} at step {run.step} ({run.wall / 3600:.2f} h trained)", flush=True)
+    if args.concept_binding_weight > 0 and not run.concept_on:
+        opt.add_param_group({"params": list(concept_heads.parameters())})
+    run.states = TextStates(pipe.transformer)
     if args.compile:
         for block in [*pipe.transformer.transformer_blocks, *pipe.transformer.single_transformer_blocks]:
             block.compile()  # in place: parameter names, checkpoints and the EMA are unchanged
-    return pipe, heads, states, opt, ema, step, wall
+    return run
 
 
 def trim_loss_log(loss_csv: Path, step: int) -> None:
     """Start a new log, or drop the rows written after the checkpoint being resumed."""
-    header = ["step", "wall_seconds", "loss", "binding", "binding_acc", "lr"]
+    header = ["step", "wall_seconds", "loss", "binding", "binding_acc", "lr", "concept", "concept_acc"]
     rows = [header]
     if step and loss_csv.exists():
         with open(loss_csv) as f:
@@ -427,16 +549,21 @@ class StopFlag:
         print(f"signal {signum}: saving and stopping after this step", flush=True)
 
 
-def train_step(pipe, heads, states, opt, ema, images, captions, targets, lr, args) -> tuple[float, float, float]:
-    for group in opt.param_groups:
+def train_step(run: Run, batch: tuple, lr: float, args) -> tuple[float, float, float, float, float]:
+    """One optimiser step; (flow, binding loss, binding accuracy, concept loss, concept accuracy)."""
+    images, captions, targets, concept_targets_ = batch
+    for group in run.opt.param_groups:
         group["lr"] = lr
-    flow, binding, accuracy = training_losses(pipe, heads, states, images, captions, targets, recipe_of(args))
-    opt.zero_grad(set_to_none=True)
-    (flow + args.binding_weight * binding).backward()
-    params = [p for group in opt.param_groups for p in group["params"] if p.grad is not None]
+    concept = (run.concept_rows, run.concept_heads, concept_targets_) if args.concept_binding_weight > 0 else None
+    flow, binding, accuracy, concept_loss, concept_accuracy = training_losses(
+        run.pipe, run.heads, run.states, images, captions, targets, recipe_of(args), concept=concept)
+    run.opt.zero_grad(set_to_none=True)
+    (flow + args.binding_weight * binding + args.concept_binding_weight * concept_loss).backward()
+    params = [p for group in run.opt.param_groups for p in group["params"] if p.grad is not None]
     torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-    opt.step()
-    return flow.item(), (binding.item() if accuracy == accuracy else float("nan")), accuracy
+    run.opt.step()
+    return (flow.item(), binding.item() if accuracy == accuracy else float("nan"), accuracy,
+            concept_loss.item() if concept_accuracy == concept_accuracy else float("nan"), concept_accuracy)
 
 
 def update_ema(ema: dict, transformer, step: int, rate: float) -> None:
@@ -457,38 +584,35 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     ckpt_dir = Path(args.ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    pipe, heads, states, opt, ema, step, wall0 = start_run(args)
-    (ckpt_dir / "args.json").write_text(json.dumps({**vars(args), "start_step": step}, indent=2))
+    run = start_run(args)
+    (ckpt_dir / "args.json").write_text(json.dumps({**vars(args), "start_step": run.step}, indent=2))
     loss_csv = ckpt_dir / "loss.csv"
-    trim_loss_log(loss_csv, step)
+    trim_loss_log(loss_csv, run.step)
     flag = StopFlag()
-    started = saved = logged = time.time()
-    window: list[tuple[float, float, float]] = []
-    data = batch_iter(args, step)
-
-    def wall() -> float:
-        return wall0 + time.time() - started
+    started = saved = time.time()
+    wall0 = run.wall
+    data = batch_iter(args, run.step)
 
     def save(note: str = "") -> None:
-        save_checkpoint(ckpt_dir / "last.pt", pipe, heads, ema, opt, step, wall(), args)
-        print(f"saved checkpoint at step {step}{note}", flush=True)
+        run.wall = wall0 + time.time() - started
+        save_checkpoint(ckpt_dir / "last.pt", run, args)
+        print(f"saved checkpoint at step {run.step}{note}", flush=True)
 
     with open(loss_csv, "a", newline="") as log:
-        writer = csv.writer(log)
+        writer, window, logged = csv.writer(log), [], time.time()
         try:
-            while step < args.max_steps and not flag.stop and not (args.minutes and time.time() - started > args.minutes * 60):
-                images, captions, targets = next(data)
-                lr = lr_at(step, args)
-                flow, binding, accuracy = train_step(pipe, heads, states, opt, ema, images, captions, targets, lr, args)
-                step += 1
-                update_ema(ema, pipe.transformer, step, args.ema)
-                writer.writerow([step, f"{wall():.1f}", f"{flow:.5f}", f"{binding:.5f}", f"{accuracy:.3f}", f"{lr:.3e}"])
-                window.append((flow, binding, accuracy))
-                if step % args.log_every == 0:
+            while run.step < args.max_steps and not flag.stop and not (args.minutes and time.time() - started > args.minutes * 60):
+                lr = lr_at(run.step, args)
+                values = train_step(run, next(data), lr, args)
+                run.step += 1
+                update_ema(run.ema, run.pipe.transformer, run.step, args.ema)
+                flow, binding, accuracy, concept, concept_accuracy = values
+                writer.writerow([run.step, f"{wall0 + time.time() - started:.1f}", f"{flow:.5f}", f"{binding:.5f}",
+                                 f"{accuracy:.3f}", f"{lr:.3e}", f"{concept:.5f}", f"{concept_accuracy:.3f}"])
+                window.append(values)
+                if run.step % args.log_every == 0:
                     log.flush()
-                    flows, bindings, accs = (mean_of_numbers(column) for column in zip(*window))
-                    print(f"step {step} loss {flows:.4f} binding {bindings:.4f} acc {accs:.2f} lr {lr:.2e} "
-                          f"{(time.time() - logged) / len(window):.2f} s/step wall {wall() / 3600:.2f} h", flush=True)
+                    report(run, window, lr, time.time() - logged, wall0 + time.time() - started)
                     window, logged = [], time.time()
                 if time.time() - saved > args.save_minutes * 60:
                     log.flush()
@@ -497,6 +621,12 @@ def main(argv=None) -> None:
         finally:
             log.flush()
             save(" (final)")
+
+
+def report(run: Run, window: list[tuple], lr: float, seconds: float, wall: float) -> None:
+    flows, bindings, accs, concepts, concept_accs = (mean_of_numbers(column) for column in zip(*window))
+    print(f"step {run.step} loss {flows:.4f} binding {bindings:.4f} acc {accs:.2f} concept {concepts:.4f} "
+          f"acc {concept_accs:.2f} lr {lr:.2e} {seconds / len(window):.2f} s/step wall {wall / 3600:.2f} h", flush=True)
 
 
 if __name__ == "__main__":

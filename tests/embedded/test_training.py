@@ -154,3 +154,35 @@ def test_batches_are_a_function_of_seed_and_step(train_module):
     assert torch.equal(a[0], b[0]) and a[1] == b[1] and a[2] == b[2]
     assert not torch.equal(a[0], train_module.make_batch(0, 8, 4)[0])
     assert a[0].shape[1:] == (128, 128, 3) and np.asarray(a[0]).dtype == np.uint8
+
+
+def test_concept_stream_objective_leaves_the_image_alone(train_module):
+    from concept_attention.scenes.training import render_training_scene
+
+    scene = next(sc for sc in (render_training_scene(s) for s in range(50)) if len(sc.objects) == 2
+                 and sc.objects[0].colour != sc.objects[1].colour and sc.objects[0].shape != sc.objects[1].shape)
+    targets = dict(zip(train_module.CONCEPT_WORDS, train_module.concept_targets(scene)))
+    shapes, colours = train_module.SHAPES, train_module.COLOURS
+    for obj in scene.objects:
+        assert targets[obj.colour] == shapes.index(obj.shape) and targets[obj.shape] == colours.index(obj.colour)
+    absent = [w for w in colours if w not in {o.colour for o in scene.objects}]
+    assert all(targets[w] == train_module.ABSENT for w in absent)
+    assert targets[scene.background] == 0 and sum(v == 0 for w, v in targets.items() if w in ("grass", "sky", "wall")) == 1
+
+    pipe = train_module.load_models(str(VAE), seed=0)
+    blocks, width = len(pipe.transformer.transformer_blocks), pipe.transformer.inner_dim
+    heads, concept_heads = train_module.BindingHeads(blocks, width), train_module.ConceptHeads(blocks, width)
+    states = train_module.TextStates(pipe.transformer)
+    images, captions, caption_targets, concept_targets = train_module.make_batch(0, 3, 3)
+    rows = train_module.encode_concept_rows(pipe)
+    assert rows.shape == (len(train_module.CONCEPT_WORDS), pipe.transformer.config.joint_attention_dim)
+    sigma = torch.tensor([0.2, 0.5, 0.95])
+    with torch.no_grad():
+        plain = train_module.training_losses(pipe, heads, states, images, captions, caption_targets,
+                                             train_module.RECIPE_DEFAULTS, torch.Generator().manual_seed(0), sigma)
+        with_stream = train_module.training_losses(pipe, heads, states, images, captions, caption_targets,
+                                                   train_module.RECIPE_DEFAULTS, torch.Generator().manual_seed(0),
+                                                   sigma, concept=(rows, concept_heads, concept_targets))
+    assert torch.allclose(plain[0], with_stream[0], atol=1e-6)  # the masked concept rows do not touch the image
+    assert states.states[0].shape[1] == 16 + len(train_module.CONCEPT_WORDS)
+    assert with_stream[3] > 0 and 0.0 <= with_stream[4] <= 1.0

@@ -117,22 +117,36 @@ def _watched_class(cls: type) -> type:
 
 
 def watch_cache_context(transformer: nn.Module, signals: CallSignals) -> Callable[[], None]:
-    """Record the name of every ``transformer.cache_context(name)`` block in ``signals``; returns the undo."""
+    """Record the name of every ``transformer.cache_context(name)`` block in ``signals``; returns the undo.
+
+    The instance gets a ``cache_context`` attribute wrapping the one it had (its class's, or an instance
+    attribute someone else put there, which the undo puts back).
+    """
     original = getattr(transformer, "cache_context", None)
-    if original is None or "cache_context" in transformer.__dict__:
+    if original is None:
         return lambda: None
+    missing = object()
+    previous = transformer.__dict__.get("cache_context", missing)
 
     @contextlib.contextmanager
     def cache_context(name: str, *args: Any, **kwargs: Any):  # e.g. step_index=, sigma= (read by caches)
-        previous, signals.context_name = signals.context_name, name
+        outer, signals.context_name = signals.context_name, name
         try:
             with original(name, *args, **kwargs):
                 yield
         finally:
-            signals.context_name = previous
+            signals.context_name = outer
 
     transformer.__dict__["cache_context"] = cache_context
-    return lambda: transformer.__dict__.pop("cache_context", None)
+
+    def undo() -> None:
+        if transformer.__dict__.get("cache_context") is cache_context:
+            if previous is missing:
+                del transformer.__dict__["cache_context"]
+            else:
+                transformer.__dict__["cache_context"] = previous
+
+    return undo
 
 
 def watch_pipeline_calls(pipeline: Any, signals: CallSignals) -> Callable[[], None]:

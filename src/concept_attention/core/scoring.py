@@ -127,17 +127,19 @@ def token_scores(space: str, act: BlockActivations) -> torch.Tensor:
     if space == "output":
         if act.concept_output is None:
             raise ValueError("concept_output is required for the output space")
-        image, concept = act.image_output[:, :n], act.concept_output
-        return torch.einsum("bnhd,brhd->bnr", image.float(), concept.float())
+        return _dots(act.image_output[:, :n], act.concept_output)
     if space == "value":
-        image, concept = act.image_value[:, :n], act.concept_value
-        return torch.einsum("bnhd,brhd->bnr", image.float(), concept.float())
+        return _dots(act.image_value[:, :n], act.concept_value)
     if space == "cross_attention":
-        image, concept = act.image_key[:, :n], act.concept_query
-        heads, head_dim = concept.shape[2], concept.shape[3]
-        logits = torch.einsum("bnhd,brhd->bnr", image.float(), concept.float())
-        return logits / (heads * head_dim**0.5)
+        heads, head_dim = act.concept_query.shape[2], act.concept_query.shape[3]
+        return _dots(act.image_key[:, :n], act.concept_query) / (heads * head_dim**0.5)
     raise ValueError(f"unknown space {space!r}; choose one of {', '.join(SPACES)}")
+
+
+def _dots(image: torch.Tensor, concept: torch.Tensor) -> torch.Tensor:
+    """``(B, N, rows)`` dot products over heads and head dims, in float32: one matrix product over
+    ``(B, N, H·D)`` (the einsum ``bnhd,brhd->bnr`` read the image vectors several times)."""
+    return torch.matmul(image.flatten(2).float(), concept.flatten(2).float().transpose(1, 2))
 
 
 def concept_maps(
