@@ -72,6 +72,9 @@ def pipeline_call(pipe: Any, steps: int | None, size: tuple[int, int] | None, nu
         call["num_inference_steps"] = parameters["num_inference_steps"].default
     if num_frames is not None:
         call["num_frames"] = checked_num_frames(pipe, num_frames)
+    if size is None and defaults.get("size") and {"width", "height"} <= set(parameters):
+        size = (int(defaults["size"]), int(defaults["size"]))  # the model's own size, also for pipelines that
+        # have no default_sample_size to set (e.g. CogView4, Z-Image)
     if size is not None:
         call["width"], call["height"] = checked_size(size, size_rule(pipe)[1])
         check_budget(pipe, call["width"], call["height"], frames=call.get("num_frames", 1))

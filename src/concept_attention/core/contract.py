@@ -243,9 +243,10 @@ class ModelAdapter(ABC):
         processor, is refused naming the module, before anything is touched). ``make_wrapper(original,
         block, index)`` returns an object with ``hook(attn)``/``unhook()`` that is callable like the original.
         """
+        names = {id(module): name for name, module in self.transformer.named_modules()}
         for index in blocks:
-            refuse_unknown(getattr(self.dual_blocks[index], attention).processor, known, self.family,
-                           f"transformer_blocks.{index}.{attention}")
+            attn = getattr(self.dual_blocks[index], attention)
+            refuse_unknown(attn.processor, known, self.family, names.get(id(attn), f"block {index}.{attention}"))
         for index in blocks:
             block = self.dual_blocks[index]
             attn = getattr(block, attention)

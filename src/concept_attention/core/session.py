@@ -236,7 +236,9 @@ class ConceptAttention:
 
     def _concept_rows(self, bound: inspect.BoundArguments) -> torch.Tensor:
         """The concepts as text-stream rows ``(rows, width)``, cached per dtype and device."""
-        hidden = bound.arguments["hidden_states"]  # every diffusers transformer names its latent input so
+        hidden = bound.arguments.get("hidden_states")  # the latent input's name in almost every diffusers model
+        if not isinstance(hidden, torch.Tensor):
+            hidden = next(self.transformer.parameters())
         rows = self._rows
         if rows is None or rows.dtype != hidden.dtype or rows.device != hidden.device:
             embeds = torch.cat([e.to(device=hidden.device, dtype=hidden.dtype) for e in self.concept_embeds])
