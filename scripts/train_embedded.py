@@ -36,7 +36,6 @@ import csv
 import json
 import os
 import signal
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +49,7 @@ import torch.nn.functional as F
 
 from concept_attention.embedded import DEFAULT_SIZE, MAX_SEQUENCE_LENGTH, build_pipeline
 from concept_attention.scenes.render import BACKGROUNDS, COLOURS, SHAPES
-from concept_attention.scenes.training import TARGET_CLASSES, render_training_scene, sample_caption
+from concept_attention.scenes.training import render_training_scene, sample_caption
 
 CHECKPOINT_FORMAT = "embedded-flux-v2"
 #: recipe values recorded in the checkpoint; given on the command line > checkpoint > these defaults

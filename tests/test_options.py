@@ -2,7 +2,6 @@
 
 import pytest
 
-import tiny
 from concept_attention.options import (
     adapter_of, check_request, checked_num_frames, checked_size, default_layers, model_size, run_size, size_rule,
 )

@@ -21,7 +21,6 @@ import torch
 from PIL import Image, ImageDraw, ImageSequence
 
 from . import viz
-from .media import VIDEO_SUFFIXES
 
 if TYPE_CHECKING:  # pragma: no cover
     from .core.maps import ConceptMaps

@@ -42,6 +42,10 @@ class AdapterContract:
     oracle_options: dict = {}
     """Session options the oracle assumes (e.g. the modulation it re-implements)."""
     oracle_spaces: tuple[str, ...] = ("output",)
+    blocks_name = "transformer_blocks"
+    """Attribute of the transformer holding the mapped blocks (Lumina 2, Z-Image: ``layers``)."""
+    output_name = "proj_out"
+    """Path of a module that runs after the mapped blocks (the exception test raises there)."""
 
     # -- supplied by the case ------------------------------------------------------------------
     def make_transformer(self, seed: int) -> torch.nn.Module:
@@ -68,6 +72,13 @@ class AdapterContract:
 
     pipeline_grid: tuple[int, ...] = ()
 
+    def run_transformer(self, transformer: torch.nn.Module, inputs: dict) -> torch.Tensor:
+        """The transformer's output for ``inputs`` as one tensor."""
+        return transformer(**inputs).sample
+
+    def mapped_blocks(self, transformer: torch.nn.Module) -> Any:
+        return getattr(transformer, self.blocks_name)
+
     # -- fixtures ------------------------------------------------------------------------------
     @pytest.fixture(scope="class")
     @classmethod
@@ -82,9 +93,9 @@ class AdapterContract:
         inputs = self.make_inputs(transformer, 0)
         embeds = concept_embeds(transformer)
         with torch.no_grad():
-            plain = transformer(**inputs).sample
+            plain = self.run_transformer(transformer, inputs)
             with ConceptAttention(transformer, self.concepts, concept_embeds=embeds) as ca:
-                watched = transformer(**inputs).sample
+                watched = self.run_transformer(transformer, inputs)
         assert torch.equal(plain, watched)
         maps = ca.maps.tensor
         assert maps.shape == (2, len(self.concepts), *self.expected_grid(inputs))
@@ -118,7 +129,7 @@ class AdapterContract:
         transformer = self.make_transformer(3)
         inputs = self.make_inputs(transformer, 4)
         embeds = concept_embeds(transformer, sizes=(1, 3, 2))
-        layers = [0, len(transformer.transformer_blocks) - 1]
+        layers = [0, len(self.mapped_blocks(transformer)) - 1]
         ca = record_maps(transformer, inputs, embeds, layers=layers, softmax=softmax, space=list(self.oracle_spaces),
                          **self.oracle_options)
         for space in self.oracle_spaces:
@@ -133,29 +144,29 @@ class AdapterContract:
         embeds = concept_embeds(transformer)
         before = snapshot(transformer)
         with torch.no_grad(), ConceptAttention(transformer, self.concepts, concept_embeds=embeds):
-            transformer(**inputs)
+            self.run_transformer(transformer, inputs)
         assert_restored(transformer, before)
 
         def explode(module, args):
             raise Boom("raised after the dual blocks")
 
-        handle = transformer.proj_out.register_forward_pre_hook(explode)
+        handle = transformer.get_submodule(self.output_name).register_forward_pre_hook(explode)
         before = snapshot(transformer)
         with pytest.raises(Boom), torch.no_grad():
             with ConceptAttention(transformer, self.concepts, concept_embeds=embeds):
-                transformer(**inputs)
+                self.run_transformer(transformer, inputs)
         handle.remove()
-        before[1]["proj_out"][1].clear()
+        before[1][self.output_name][1].clear()
         assert_restored(transformer, before)
         with torch.no_grad():
-            transformer(**inputs)  # still runs
+            self.run_transformer(transformer, inputs)  # still runs
 
     def test_unknown_processor_refused_before_anything_is_touched(self):
         transformer = self.make_transformer(5)
-        attn = getattr(transformer.transformer_blocks[1], self.attention)
+        attn = getattr(self.mapped_blocks(transformer)[1], self.attention)
         attn.processor = ForeignProcessor(attn.processor)
         before = snapshot(transformer)
-        with pytest.raises(TypeError, match=rf"transformer_blocks\.1\.{self.attention} uses ForeignProcessor"):
+        with pytest.raises(TypeError, match=rf"{self.blocks_name}\.1\.{self.attention} uses ForeignProcessor"):
             with ConceptAttention(transformer, self.concepts, concept_embeds=concept_embeds(transformer)):
                 pass
         assert_restored(transformer, before)

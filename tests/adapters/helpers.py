@@ -26,8 +26,9 @@ def one_thread():
 # ---------------------------------------------------------------- inputs and sessions
 def concept_embeds(transformer, sizes=(1, 2, 1), seed=1):
     """One random ``(tokens, width)`` tensor per concept, in the transformer's prompt-embedding space."""
-    config = transformer.config
-    width = config.text_embed_dim if "text_embed_dim" in config else config.joint_attention_dim
+    from concept_attention.adapters import resolve_adapter
+
+    width = resolve_adapter(transformer).concept_embed_dim
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(n, width, generator=g) for n in sizes]
 

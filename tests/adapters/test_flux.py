@@ -3,11 +3,9 @@ modulation, multi-token concepts, layer/step selection, spaces and ablations, op
 
 from __future__ import annotations
 
-import warnings
 
 import pytest
 import torch
-from diffusers import FluxPipeline
 
 import tiny
 from concept_attention import ConceptAttention

@@ -12,7 +12,7 @@ import tiny_sd3_chroma as tiny
 from concept_attention import ConceptAttention
 from contract import AdapterContract
 from helpers import (
-    as_tokens, assert_output_unchanged, check_explain_and_cli, concept_embeds, fused_qkv_runs, grouped_scores,
+    as_tokens, check_explain_and_cli, concept_embeds, fused_qkv_runs, grouped_scores,
     record_maps,
 )
 from helpers import one_thread  # noqa: F401  (autouse: tiny matmuls on two busy cores are ~100x faster single-threaded)

@@ -104,7 +104,6 @@ def test_concurrent_api_requests(server, tmp_path):
             assert len(cross) == len(concepts)
             assert Path(image).is_file() and Path(segmentation).is_file() and archive.endswith(".zip")
     # the app still answers afterwards
-    from gradio_client import Client
 
     again = Client(server, verbose=False).predict(prompt="a dog", concepts=["dog", "sky"], seed=0, steps=2, width=32,
                                                   height=32, api_name="/generate")

@@ -1,6 +1,5 @@
 """The command-line interface end to end on a tiny local pipeline directory."""
 
-import json
 import os
 import subprocess
 import sys

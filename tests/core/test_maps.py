@@ -1,6 +1,5 @@
 """ConceptMaps (core): access, segmentation, upsampling, layer subsets, replace, shape checks, views."""
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image

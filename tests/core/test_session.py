@@ -8,7 +8,7 @@ import torch
 
 import tiny
 from concept_attention import ConceptAttention
-from helpers import as_tokens, assert_restored, concept_embeds, record_maps, snapshot
+from helpers import assert_restored, concept_embeds, record_maps, snapshot
 
 CONCEPTS = ["dog", "tree", "sky", "background"]
 

@@ -3,14 +3,13 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import numpy as np
-import pytest
 import torch
 
 from concept_attention.embedded import (
     DEFAULT_SIZE, MAX_SEQUENCE_LENGTH, VOCAB_WORDS, build_clip_text_model, build_clip_tokenizer, build_pipeline, build_t5_tokenizer,
 )
 from concept_attention.loading import load_pipeline
-from concept_attention.scenes import BACKGROUNDS, CAPTION_WORDS, COLOURS, SHAPES
+from concept_attention.scenes import CAPTION_WORDS
 
 
 def test_tokenizers_one_token_per_word():

@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from concept_attention.eval import main
 from concept_attention.evaluation.runner import read_records

@@ -51,7 +51,7 @@ at ``t`` (the transformer's timestep is ``t`` itself) and packed into 2×2 token
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn

@@ -6,14 +6,13 @@ Exit codes: 0 success, 2 usage error (bad arguments or input), 1 runtime failure
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Sequence
 
 from .._version import __version__
 from ..media import VIDEO_SUFFIXES
 from .console import quiet_console
-from .parsing import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, UsageError
+from .parsing import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, UsageError
 
 GENERATE_EXAMPLES = """examples:
   concept-attention generate "a red circle and a blue square on grass" --concepts red,blue,grass

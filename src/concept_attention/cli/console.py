@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
 
 
 def quiet_console(command: str, verbose: bool = False) -> None:
