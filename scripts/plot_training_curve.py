@@ -37,6 +37,14 @@ def read_points(curve: Path) -> list[dict]:
     return [by_step[s] for s in sorted(by_step)]
 
 
+def read_rows(loss_csv: Path) -> list[dict]:
+    """Rows of loss.csv, one per step: steps logged after the last save of a stopped run are trained again on
+    resume, and the later (kept) row of such a step wins."""
+    with open(loss_csv) as f:
+        by_step = {int(r["step"]): r for r in csv.DictReader(f)}
+    return [by_step[s] for s in sorted(by_step)]
+
+
 def markdown_table(points: list[dict]) -> str:
     """One row per tracked point (validation scenes, empty prompt, t = 0.5)."""
     lines = ["| step | hours | loss | binding head accuracy | colour identity (default / best block) | colour mIoU "
@@ -65,10 +73,12 @@ def markdown_table(points: list[dict]) -> str:
 def change_steps(history: list[dict]) -> list[int]:
     """Steps where recorded recipe changes take effect (a decay from its start, not from when it was set)."""
     steps = set()
+    decays = [float(c["change"].partition("=")[2]) for c in history if c["change"].startswith("decay_steps=")]
+    decay_cancelled = bool(decays) and decays[-1] == 0
     for change in history:
         name, _, value = change["change"].partition("=")
-        if name == "decay_steps":
-            continue  # drawn with its decay_start
+        if name == "decay_steps" or (name == "decay_start" and decay_cancelled):
+            continue  # a decay is drawn at its start; one cancelled before it began is not drawn
         steps.add(int(float(value)) if name == "decay_start" and float(value) > 0 else int(change["step"]))
     return sorted(steps)
 
@@ -79,8 +89,7 @@ def main() -> None:
     ap.add_argument("--out", default="docs/images/embedded-training-curve.png")
     args = ap.parse_args()
     ckpt_dir = Path(args.ckpt_dir)
-    with open(ckpt_dir / "loss.csv") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_rows(ckpt_dir / "loss.csv")
     steps = [int(r["step"]) for r in rows]
     losses = [float(r["loss"]) for r in rows]
     points = read_points(ckpt_dir / "curve.jsonl")
@@ -92,8 +101,15 @@ def main() -> None:
     accuracy = [(int(r["step"]), float(r["binding_acc"])) for r in rows if r.get("binding_acc") not in (None, "", "nan")]
     if accuracy:
         ax_head = ax_loss.twinx()
-        ax_head.plot([a for a, _ in accuracy], smooth([b for _, b in accuracy], 200), lw=1, color="tab:purple")
-        ax_head.set(ylabel="binding head accuracy (last block)", ylim=(0, 1))
+        ax_head.plot([a for a, _ in accuracy], smooth([b for _, b in accuracy], 200), lw=1, color="tab:purple",
+                     label="binding heads (caption words)")
+        concept = [(int(r["step"]), float(r["concept_acc"])) for r in rows
+                   if r.get("concept_acc") not in (None, "", "nan") and float(r.get("concept") or 0) > 0]
+        if concept:
+            ax_head.plot([a for a, _ in concept], smooth([b for _, b in concept], 200), lw=1, color="tab:olive",
+                         label="concept heads (concept rows)")
+            ax_head.legend(fontsize=7, loc="lower left")
+        ax_head.set(ylabel="head accuracy", ylim=(0, 1))
         ax_head.yaxis.label.set_color("tab:purple")
     for task, colour in (("colour", "tab:red"), ("shape", "tab:blue")):
         xs = [p["step"] for p in points]

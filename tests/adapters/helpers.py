@@ -127,6 +127,29 @@ def grouped_scores(scores, embeds, softmax=True):
     return grouped.softmax(dim=-1) if softmax else grouped
 
 
+def oracle_block_scores(space, image_tokens, outputs, values, image_keys, concept_queries, heads, embeds,
+                        softmax=True):
+    """One block's float64 oracle map ``(B, N, C)`` from per-head tensors ``(B, tokens, heads, dim)``: image and
+    concept attention outputs, values, or image keys against concept queries (scaled as the library scales
+    cross-attention), scored over the first ``image_tokens`` image rows (all when ``None``)."""
+    image, concept = {"output": outputs, "value": values, "cross_attention": (image_keys, concept_queries)}[space]
+    scores = torch.einsum("bnhd,brhd->bnr", image[:, :image_tokens], concept)
+    if space == "cross_attention":
+        scores = scores / (heads * math.sqrt(concept_queries.shape[-1]))
+    return grouped_scores(scores, embeds, softmax)
+
+
+def assert_matches_oracle_maps(oracle_maps, transformer, inputs, embeds, layers,
+                               spaces=("output", "value", "cross_attention")):
+    """The session's maps in every space of ``spaces`` agree with ``oracle_maps(...)`` to 1e-5."""
+    ca = record_maps(transformer, inputs, embeds, layers=layers, space=list(spaces))
+    for space in spaces:
+        expected = oracle_maps(transformer, inputs, embeds, layers, space=space)
+        got = as_tokens(ca.maps_for(space)).double()
+        assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5), (space, (got - expected).abs().max())
+    return ca
+
+
 def oracle_from_captured(captured, embeds, layers, softmax=True, space="output"):
     """Maps ``(B, N, C)`` in float64 from captured ``x``/``c`` (output space) or ``vx``/``vc`` (value space)."""
     image, concept = ("x", "c") if space == "output" else ("vx", "vc")

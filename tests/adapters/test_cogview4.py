@@ -5,7 +5,6 @@ explain / CLI / web app, fused QKV by hand (the model has no ``fuse_qkv_projecti
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ import torch
 from concept_attention import ConceptAttention
 from contract import AdapterContract
 from helpers import (
-    assert_output_unchanged, attend, check_explain_and_cli, concept_embeds, grouped_scores, record_maps,
+    assert_output_unchanged, attend, check_explain_and_cli, concept_embeds, oracle_block_scores, record_maps,
     word_tokenizer,
 )
 from helpers import one_thread  # noqa: F401  (autouse: tiny matmuls on two busy cores are ~100x faster single-threaded)
@@ -136,11 +135,8 @@ def oracle_maps(transformer, inputs, embeds, layers, softmax=True, space="output
             q_c, k_c, v_c = qkv(block.norm1.norm_context(concepts) * (1 + mod[3]) + mod[1])
             o_c = attend(q_c, torch.cat([k_x, k_c], 1), torch.cat([v_x, v_c], 1))
             if index in layers:
-                image, concept = {"output": (o_x, o_c), "value": (v_x, v_c), "cross_attention": (k_x, q_c)}[space]
-                scores = torch.einsum("bnhd,brhd->bnr", image, concept)
-                if space == "cross_attention":
-                    scores = scores / (attn.heads * math.sqrt(q_c.shape[-1]))
-                per_layer.append(grouped_scores(scores, embeds, softmax))
+                per_layer.append(oracle_block_scores(space, None, (o_x, o_c), (v_x, v_c), k_x, q_c,
+                                                             attn.heads, embeds, softmax))
             concepts = concepts + mod[5] * attn.to_out[0](o_c.flatten(2))
             normed = block.norm2_context(concepts) * (1 + mod[9]) + mod[7]
             concepts = concepts + mod[11] * block.ff(normed)

@@ -16,7 +16,7 @@ import torch
 from concept_attention import ConceptAttention
 from contract import AdapterContract
 from helpers import (
-    as_tokens, assert_output_unchanged, attend, concept_embeds, grouped_scores, record_maps, word_tokenizer,
+    as_tokens, assert_output_unchanged, attend, concept_embeds, oracle_block_scores, record_maps, word_tokenizer,
 )
 from helpers import one_thread  # noqa: F401  (autouse: tiny matmuls on two busy cores are ~100x faster single-threaded)
 
@@ -194,11 +194,8 @@ def oracle_maps(transformer, inputs, embeds, layers, softmax=True, space="output
             q_c, k_c, v_c = qkv(layer.attn, normed, concept_freqs)
             o_c = attend(q_c, torch.cat([k_x, k_c], 1), torch.cat([v_x, v_c], 1))
             if index in layers:
-                image, concept = {"output": (o_x, o_c), "value": (v_x, v_c), "cross_attention": (k_x, q_c)}[space]
-                scores = torch.einsum("bnhd,brhd->bnr", image, concept)
-                if space == "cross_attention":
-                    scores = scores / (layer.attn.heads * math.sqrt(q_c.shape[-1]))
-                per_layer.append(grouped_scores(scores, embeds, softmax))
+                per_layer.append(oracle_block_scores(space, None, (o_x, o_c), (v_x, v_c), k_x, q_c,
+                                                             layer.attn.heads, embeds, softmax))
             concepts = concepts + gate_msa.tanh()[:, None] * layer.norm2(layer.attn.to_out[0](o_c.flatten(2)))
             ffn = layer.feed_forward(layer.ffn_norm1(concepts) * (1 + scale_mlp[:, None]))
             concepts = concepts + gate_mlp.tanh()[:, None] * layer.ffn_norm2(ffn)

@@ -13,8 +13,8 @@ import torch
 from concept_attention import ConceptAttention
 from contract import AdapterContract
 from helpers import (
-    as_tokens, assert_output_unchanged, attend, check_explain_and_cli, concept_embeds, grouped_scores, record_maps,
-    word_tokenizer,
+    assert_matches_oracle_maps, assert_output_unchanged, attend, check_explain_and_cli, concept_embeds,
+    oracle_block_scores, record_maps, word_tokenizer,
 )
 from helpers import one_thread  # noqa: F401  (autouse: tiny matmuls on two busy cores are ~100x faster single-threaded)
 
@@ -165,23 +165,15 @@ def oracle_maps(transformer, inputs, embeds, layers, softmax=True, space="output
             q_c, k_c, v_c = qkv(block.txt_norm1(concepts) * (1 + scale) + shift, text_qkv, text_norms, concept_freqs)
             o_c = attend(q_c, torch.cat([k_x, k_c], 1), torch.cat([v_x, v_c], 1))
             if index in layers:
-                image, concept = {"output": (o_x, o_c), "value": (v_x, v_c), "cross_attention": (k_x, q_c)}[space]
-                scores = torch.einsum("bnhd,brhd->bnr", image[:, :tokens], concept)
-                if space == "cross_attention":
-                    scores = scores / (attn.heads * math.sqrt(q_c.shape[-1]))
-                per_layer.append(grouped_scores(scores, embeds, softmax))
+                per_layer.append(oracle_block_scores(space, tokens, (o_x, o_c), (v_x, v_c), k_x, q_c,
+                                                             attn.heads, embeds, softmax))
             concepts = concepts + gate * attn.to_add_out(o_c.flatten(2))
             concepts = concepts + gate2 * block.txt_mlp(block.txt_norm2(concepts) * (1 + scale2) + shift2)
     return torch.stack(per_layer).mean(0)
 
 
 def assert_oracle(transformer, inputs, embeds, layers, spaces=("output", "value", "cross_attention")):
-    ca = record_maps(transformer, inputs, embeds, layers=layers, space=list(spaces))
-    for space in spaces:
-        expected = oracle_maps(transformer, inputs, embeds, layers, space=space)
-        got = as_tokens(ca.maps_for(space)).double()
-        assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5), (space, (got - expected).abs().max())
-    return ca
+    return assert_matches_oracle_maps(oracle_maps, transformer, inputs, embeds, layers, spaces)
 
 
 # ---------------------------------------------------------------- 1. conformance suite

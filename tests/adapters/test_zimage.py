@@ -21,8 +21,7 @@ import torch
 from concept_attention import ConceptAttention
 from contract import AdapterContract
 from helpers import (
-    as_tokens, assert_restored, attend, concept_embeds, grouped_scores, record_maps, snapshot,
-    word_tokenizer,
+    as_tokens, assert_restored, attend, concept_embeds, oracle_block_scores, record_maps, snapshot, word_tokenizer,
 )
 from helpers import one_thread  # noqa: F401  (autouse: tiny matmuls on two busy cores are ~100x faster single-threaded)
 
@@ -192,11 +191,8 @@ def oracle_maps(transformer, inputs, embeds, layers, softmax=True, space="output
                                 concept_freqs)
             o_c = attend(q_c, torch.cat([k_x, k_c], 1), torch.cat([v_x, v_c], 1))
             if index in layers:
-                pair = {"output": (o_x, o_c), "value": (v_x, v_c), "cross_attention": (k_x, q_c)}[space]
-                scores = torch.einsum("bnhd,brhd->bnr", pair[0][:, :tokens], pair[1])
-                if space == "cross_attention":
-                    scores = scores / (layer.attention.heads * math.sqrt(q_c.shape[-1]))
-                per_layer.append(grouped_scores(scores, embeds, softmax))
+                per_layer.append(oracle_block_scores(space, tokens, (o_x, o_c), (v_x, v_c), k_x, q_c,
+                                                             layer.attention.heads, embeds, softmax))
             attended = layer.attention_norm2(layer.attention.to_out[0](o_c.flatten(2)))
             concepts = concepts + gate_msa.tanh()[:, None] * attended
             ffn = layer.feed_forward(layer.ffn_norm1(concepts) * (1 + scale_mlp[:, None]))

@@ -30,3 +30,18 @@ def test_a_decay_is_marked_where_it_starts():
     history = [{"step": 2067, "change": "zero_pooled"}, {"step": 7548, "change": "two_object_frac=0.6"},
                {"step": 20148, "change": "decay_start=21000"}, {"step": 20148, "change": "decay_steps=5000"}]
     assert load().change_steps(history) == [2067, 7548, 21000]
+
+
+def test_a_decay_cancelled_before_it_began_is_not_drawn():
+    history = [{"step": 2584, "change": "concept_binding_weight=1.0"},
+               {"step": 3191, "change": "decay_start=5000"}, {"step": 3191, "change": "decay_steps=1500"},
+               {"step": 3306, "change": "decay_steps=0"}]
+    assert load().change_steps(history) == [2584]
+    assert load().change_steps(history[:3]) == [2584, 5000]
+
+
+def test_rows_of_steps_trained_again_after_a_resume_keep_the_later_row(tmp_path):
+    csv_path = tmp_path / "loss.csv"
+    csv_path.write_text("step,wall_seconds,loss\n1,1.0,0.9\n2,2.0,0.8\n3,3.0,0.7\n2,4.0,0.5\n3,5.0,0.4\n")
+    rows = load().read_rows(csv_path)
+    assert [(r["step"], r["loss"]) for r in rows] == [("1", "0.9"), ("2", "0.5"), ("3", "0.4")]
