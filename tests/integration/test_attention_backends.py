@@ -67,6 +67,17 @@ def test_backend_set_inside_the_session_reaches_the_wrapped_processors():
     assert torch.equal(generate(pipe), expected)
 
 
+def test_the_wrapped_processor_keeps_its_backend_when_the_default_differs():
+    """A model's own backend, not diffusers' process-wide default, runs its image path inside a session."""
+    pipe, other = flux_pipe(), flux_pipe()
+    pipe.transformer.set_attention_backend("flex")
+    other.transformer.set_attention_backend("native")  # the process-wide default is now "native"
+    plain = generate(pipe)
+    assert not torch.equal(plain, generate(other))  # the backends round differently here
+    watched, _ = watched_run(pipe, lambda: generate(pipe))
+    assert torch.equal(watched, plain)
+
+
 def test_attention_backend_context():
     from diffusers.models.attention_dispatch import attention_backend
 

@@ -37,13 +37,20 @@ def reference():
     return plain, session.maps
 
 
+TEXT_STREAM_MODULES = ("norm1_context", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
+                       "ff_context")
+"""Every text-stream module the concept rows pass through in a dual block that is not the last one."""
+
+
 def add_user_hooks(pipe) -> list[str]:
-    """A forward pre-hook on the transformer and forward hooks on a block's attention and projections."""
+    """A forward pre-hook on the transformer, forward hooks on a block's attention and on every text-stream module
+    of block 2 (an onload or cast hook skipped on any of them would show as a missing call)."""
     seen: list[str] = []
-    transformer, attn = pipe.transformer, pipe.transformer.transformer_blocks[3].attn
+    transformer, block = pipe.transformer, pipe.transformer.transformer_blocks[2]
     transformer.register_forward_pre_hook(lambda m, a, kw: seen.append("call"), with_kwargs=True)
-    attn.register_forward_hook(lambda m, a, o: seen.append("attn"))
-    attn.add_q_proj.register_forward_hook(lambda m, a, o: seen.append("add_q_proj"))
+    block.attn.register_forward_hook(lambda m, a, o: seen.append("attn"))
+    for name in TEXT_STREAM_MODULES:
+        block.get_submodule(name).register_forward_hook(lambda m, a, o, name=name: seen.append(name))
     return seen
 
 
@@ -61,7 +68,8 @@ def test_offloading_keeps_the_image_the_maps_and_its_hooks(mechanism, reference)
     assert torch.equal(watched, plain)
     assert torch.equal(session.maps.tensor, maps_reference.tensor)
     assert seen.count("call") == 4 and seen.count("attn") == 4
-    assert seen.count("add_q_proj") == 6  # 4 prompt rows + 2 conditional concept rows: user hooks see both
+    for name in TEXT_STREAM_MODULES:  # 4 prompt rows + 2 conditional concept rows: user hooks see both
+        assert seen.count(name) == 6, name
     assert_foreign_hooks_kept(pipe.transformer, before)
     assert torch.equal(generate(pipe), plain)  # offloading still works after the session
 
