@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         config = json.loads(CONFIG.read_text())
         config["layers"] = layers_for(best, list(scores))
         CONFIG.write_text(json.dumps(config, indent=2) + "\n")
-        print(f"wrote layers={config['layers']} to {CONFIG}")
+        print(f"wrote layers={config['layers']} to {CONFIG.relative_to(CONFIG.parents[4])}")
     return 0
 
 

@@ -45,6 +45,10 @@ def read_rows(loss_csv: Path) -> list[dict]:
     return [by_step[s] for s in sorted(by_step)]
 
 
+def three_places(value: float | None) -> str:
+    return "" if value is None else f"{value:.3f}"
+
+
 def markdown_table(points: list[dict]) -> str:
     """One row per tracked point (validation scenes, empty prompt, t = 0.5)."""
     lines = ["| step | hours | loss | binding head accuracy | colour identity (default / best block) | colour mIoU "
@@ -61,9 +65,8 @@ def markdown_table(points: list[dict]) -> str:
         selective = p.get("query_selectivity") or {}
         best = max(selective.items(), key=lambda item: item[1]["positive"], default=None)
         selective_text = "" if best is None else f"{best[1]['positive']:.2f} ({best[0]})"
-        number = (lambda v: "" if v is None else f"{v:.3f}")
         lines.append(
-            f"| {p['step']} | {p['hours']:.2f} | {number(p.get('loss'))} | {number(p.get('binding_acc'))} | "
+            f"| {p['step']} | {p['hours']:.2f} | {three_places(p.get('loss'))} | {three_places(p.get('binding_acc'))} | "
             f"{c['default']['identity']:.2f} / {c['best']['identity']:.2f} (block {c['best_block']}) | "
             f"{c['default']['miou']:.2f} | {s['default']['identity']:.2f} / {s['best']['identity']:.2f} "
             f"(block {s['best_block']}) | {s['default']['miou']:.2f} | {selective_text} | {gen_text} | {pairs_text} |")
