@@ -127,6 +127,22 @@ def grouped_scores(scores, embeds, softmax=True):
     return grouped.softmax(dim=-1) if softmax else grouped
 
 
+def complex_rope(ids, axes, theta):
+    """Lumina-style complex RoPE table ``(S, sum(axes)/2)`` in complex128 from position ids ``(S, len(axes))``."""
+    parts = []
+    for axis, dim in enumerate(axes):
+        freqs = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+        parts.append(torch.polar(torch.ones(ids.shape[0], dim // 2, dtype=torch.float64),
+                                 ids[:, axis].double()[:, None] * freqs[None]))
+    return torch.cat(parts, dim=-1)
+
+
+def rotate_complex(rows, freqs):
+    """(B, S, H, D) rows times complex ``freqs`` ((B,) S, D/2): consecutive pairs are complex numbers."""
+    pairs = torch.view_as_complex(rows.reshape(*rows.shape[:-1], -1, 2).contiguous())
+    return torch.view_as_real(pairs * freqs.unsqueeze(-2)).flatten(-2)
+
+
 def oracle_block_scores(space, image_tokens, outputs, values, image_keys, concept_queries, heads, embeds,
                         softmax=True):
     """One block's float64 oracle map ``(B, N, C)`` from per-head tensors ``(B, tokens, heads, dim)``: image and

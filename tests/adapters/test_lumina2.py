@@ -16,7 +16,8 @@ import torch
 from concept_attention import ConceptAttention
 from contract import AdapterContract
 from helpers import (
-    as_tokens, assert_output_unchanged, attend, concept_embeds, oracle_block_scores, record_maps, word_tokenizer,
+    as_tokens, assert_output_unchanged, attend, complex_rope, concept_embeds, oracle_block_scores, record_maps,
+    rotate_complex, word_tokenizer,
 )
 from helpers import one_thread  # noqa: F401  (autouse: tiny matmuls on two busy cores are ~100x faster single-threaded)
 
@@ -99,20 +100,8 @@ def transformer_inputs(transformer, batch=2, height=8, width=12, text=6, seed=0)
 
 
 # ---------------------------------------------------------------- the float64 oracle
-def rope(ids, axes, theta=10000.0):
-    """Lumina's complex RoPE (S, sum(axes)/2) complex128 from position ids (S, 3)."""
-    parts = []
-    for axis, dim in enumerate(axes):
-        freqs = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
-        parts.append(torch.polar(torch.ones(ids.shape[0], dim // 2, dtype=torch.float64),
-                                 ids[:, axis].double()[:, None] * freqs[None]))
-    return torch.cat(parts, dim=-1)
-
-
-def rotate(rows, freqs):
-    """(B, S, H, D) rows times complex ``freqs`` ((B,) S, D/2): consecutive pairs are complex numbers."""
-    pairs = torch.view_as_complex(rows.reshape(*rows.shape[:-1], -1, 2).contiguous())
-    return torch.view_as_real(pairs * freqs.unsqueeze(-2)).flatten(-2)
+def rope(ids, axes):
+    return complex_rope(ids, axes, theta=10000.0)
 
 
 def qkv(attn, rows, freqs):
@@ -120,7 +109,7 @@ def qkv(attn, rows, freqs):
     head_dim = attn.to_q.out_features // heads
     q, k, v = (proj(rows).unflatten(-1, (-1, head_dim)) for proj in (attn.to_q, attn.to_k, attn.to_v))
     repeat = heads // k.shape[2]
-    return (rotate(attn.norm_q(q), freqs), rotate(attn.norm_k(k), freqs).repeat_interleave(repeat, 2),
+    return (rotate_complex(attn.norm_q(q), freqs), rotate_complex(attn.norm_k(k), freqs).repeat_interleave(repeat, 2),
             v.repeat_interleave(repeat, 2))
 
 

@@ -21,7 +21,8 @@ import torch
 from concept_attention import ConceptAttention
 from contract import AdapterContract
 from helpers import (
-    as_tokens, assert_restored, attend, concept_embeds, oracle_block_scores, record_maps, snapshot, word_tokenizer,
+    as_tokens, assert_restored, attend, complex_rope, concept_embeds, oracle_block_scores, record_maps,
+    rotate_complex, snapshot, word_tokenizer,
 )
 from helpers import one_thread  # noqa: F401  (autouse: tiny matmuls on two busy cores are ~100x faster single-threaded)
 
@@ -97,24 +98,13 @@ def run(transformer, inputs):
 
 
 # ---------------------------------------------------------------- the float64 oracle
-def rope(ids, axes, theta=256.0):
-    """Z-Image's complex RoPE (S, sum(axes)/2) complex128 from integer position ids (S, 3)."""
-    parts = []
-    for axis, dim in enumerate(axes):
-        freqs = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
-        parts.append(torch.polar(torch.ones(ids.shape[0], dim // 2, dtype=torch.float64),
-                                 ids[:, axis].double()[:, None] * freqs[None]))
-    return torch.cat(parts, dim=-1)
-
-
-def rotate(rows, freqs):
-    pairs = torch.view_as_complex(rows.reshape(*rows.shape[:-1], -1, 2).contiguous())
-    return torch.view_as_real(pairs * freqs.unsqueeze(-2)).flatten(-2)
+def rope(ids, axes):
+    return complex_rope(ids, axes, theta=256.0)
 
 
 def qkv(attn, rows, freqs):
     q, k, v = (proj(rows).unflatten(-1, (attn.heads, -1)) for proj in (attn.to_q, attn.to_k, attn.to_v))
-    return rotate(attn.norm_q(q), freqs), rotate(attn.norm_k(k), freqs), v
+    return rotate_complex(attn.norm_q(q), freqs), rotate_complex(attn.norm_k(k), freqs), v
 
 
 def padded(count):
