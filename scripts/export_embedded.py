@@ -34,13 +34,22 @@ EXAMPLES = [
 ]
 
 
-def library_defaults(num_layers: int, layers: list[int] | None = None) -> dict:
-    """``concept_attention.json`` of the embedded model."""
+def library_defaults(num_layers: int, layers: list[int] | None = None, recipe: dict | None = None) -> dict:
+    """``concept_attention.json`` of the embedded model; with a ``recipe`` that grounded caption words' attention,
+    the ``notice`` every display of its maps shows and the blocks it names."""
     from concept_attention.embedded import DEFAULT_SIZE, MAX_SEQUENCE_LENGTH
 
-    return {"size": DEFAULT_SIZE, "max_sequence_length": MAX_SEQUENCE_LENGTH, "num_inference_steps": 20,
-            "true_cfg_scale": 3.0, "negative_prompt": "", "layers": layers or list(range(num_layers)),
-            "examples": EXAMPLES}
+    defaults = {"size": DEFAULT_SIZE, "max_sequence_length": MAX_SEQUENCE_LENGTH, "num_inference_steps": 20,
+                "true_cfg_scale": 3.0, "negative_prompt": "", "layers": layers or list(range(num_layers)),
+                "examples": EXAMPLES}
+    if recipe and float(recipe.get("grounding_weight") or 0) > 0:
+        blocks = [int(b) for b in str(recipe["grounding_blocks"]).split(",")]
+        names = " and ".join(str(b) for b in blocks)
+        defaults["grounded_blocks"] = blocks
+        defaults["notice"] = (f"trained maps: in blocks {names} of this small model, caption words' attention to "
+                              "their own objects was a training target, so maps from those blocks are partly "
+                              "trained, not found (see its MODEL_CARD.md)")
+    return defaults
 
 
 def export(ckpt: str, out: str, fp16: bool = False, vae_dir: str | None = None,
@@ -49,6 +58,7 @@ def export(ckpt: str, out: str, fp16: bool = False, vae_dir: str | None = None,
 
     pipe = load_ema_pipeline(ckpt, vae_dir)
     step = pipe.ckpt_step
+    recipe = torch.load(ckpt, map_location="cpu", weights_only=False)["args"]
     if fp16:
         for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
             getattr(pipe, name).to(torch.float16)
@@ -57,7 +67,7 @@ def export(ckpt: str, out: str, fp16: bool = False, vae_dir: str | None = None,
     if out.exists():
         shutil.rmtree(out)
     pipe.save_pretrained(out, safe_serialization=True)
-    defaults = library_defaults(len(pipe.transformer.transformer_blocks), layers)
+    defaults = library_defaults(len(pipe.transformer.transformer_blocks), layers, recipe)
     (out / "concept_attention.json").write_text(json.dumps(defaults, indent=2))
     if card is not None:
         (out / "MODEL_CARD.md").write_text(card)

@@ -18,8 +18,16 @@ the same kind of task on a **concept stream**: every colour, shape and backgroun
 alone, is appended to the prompt behind an attention mask (nothing attends to these rows but
 themselves and they do not see the prompt: what ConceptAttention runs, the image is unaffected), and
 heads on these rows predict the word's object's shape or colour, whether a background word is the
-scene's, or that the word's object is absent. The heads are dropped at export; no attention map is
-ever a target. Data and captions: ``concept_attention.scenes.training``.
+scene's, or that the word's object is absent. The heads are dropped at export. Data and captions:
+``concept_attention.scenes.training``.
+
+The issue's **last resort** (``--grounding-weight``, default 0 = off): a loss on caption words'
+text->image attention in at most two dual blocks (``--grounding-blocks``, default 1,2). Each caption word
+that names one region (a colour or shape word -> its own object, the background word -> the background;
+``word_regions``), in samples noised at most to ``binding_t_max``, pays ``-log`` of the share of its
+attention over the image tokens (softmax over image keys, per head) that falls on its region. The maps
+of those blocks are then partly trained: the export writes a ``notice`` into ``concept_attention.json``
+that the CLI, the web app and every figure show.
 
 Batch ``k`` is a pure function of (seed, k), so resuming reproduces the data stream. The checkpoint
 (``<ckpt-dir>/last.pt``, written every ``--save-minutes``, at the end and on SIGTERM/SIGINT) is
@@ -49,25 +57,29 @@ import torch.nn.functional as F
 
 from concept_attention.embedded import DEFAULT_SIZE, MAX_SEQUENCE_LENGTH, build_pipeline
 from concept_attention.scenes.render import BACKGROUNDS, COLOURS, SHAPES
-from concept_attention.scenes.training import render_training_scene, sample_caption
+from concept_attention.scenes.training import render_training_scene, sample_caption, word_regions
 
 CHECKPOINT_FORMAT = "embedded-flux-v2"
 #: recipe values recorded in the checkpoint; given on the command line > checkpoint > these defaults
 RECIPE_DEFAULTS = {"binding_weight": 1.0, "binding_t_max": 0.8, "t_high_frac": 0.5, "t_high_mean": 3.0,
-                   "tied": 0.0, "concept_binding_weight": 0.0, "decay_start": 0, "decay_steps": 0, "lr_final": 1e-4}
+                   "tied": 0.0, "concept_binding_weight": 0.0, "decay_start": 0, "decay_steps": 0, "lr_final": 1e-4,
+                   "grounding_weight": 0.0, "grounding_blocks": "1,2"}
 CONCEPT_WORDS = (*COLOURS, *SHAPES, *BACKGROUNDS)
 """The concept rows of the concept-stream objective: every word the held-out scenes can ask about."""
 ABSENT = 4
 """Concept-stream target class of a word whose object (or background) is not in the scene."""
 QUANT_BLOCK = 256
+TOKEN_PIXELS = 8
+"""Image pixels per side of one transformer token (VAE factor 4, then 2 x 2 packing)."""
 
 
 # --------------------------------------------------------------------------- data
 def make_batch(seed: int, step: int, batch_size: int, size: int = DEFAULT_SIZE):
-    """Batch number ``step``: uint8 images (B, H, W, 3), captions, binding targets per caption and concept-stream
-    targets ``(B, len(CONCEPT_WORDS))``. Deterministic."""
+    """Batch number ``step``: uint8 images (B, H, W, 3), captions, binding targets per caption, concept-stream
+    targets ``(B, len(CONCEPT_WORDS))`` and word regions ``(B, MAX_SEQUENCE_LENGTH, image tokens)`` (see
+    :func:`region_weights`). Deterministic."""
     rng = np.random.default_rng([seed, step, 0xDA7A])
-    images, captions, targets, concepts = [], [], [], []
+    images, captions, targets, concepts, regions = [], [], [], [], []
     for scene_seed in rng.integers(0, 1_000_000_000, batch_size):
         scene = render_training_scene(int(scene_seed), size)
         caption = sample_caption(scene, rng)
@@ -75,7 +87,21 @@ def make_batch(seed: int, step: int, batch_size: int, size: int = DEFAULT_SIZE):
         captions.append(caption.text)
         targets.append(caption.targets)
         concepts.append(concept_targets(scene))
-    return torch.from_numpy(np.stack(images)), captions, targets, torch.tensor(concepts)
+        regions.append(region_weights(scene, caption.text))
+    return (torch.from_numpy(np.stack(images)), captions, targets, torch.tensor(concepts),
+            torch.from_numpy(np.stack(regions)))
+
+
+def region_weights(scene, caption: str) -> np.ndarray:
+    """``(MAX_SEQUENCE_LENGTH, image tokens)``: for each caption word that names one region of the scene (an
+    object or the background, :func:`~concept_attention.scenes.training.word_regions`), the share of each image
+    token that region covers; zero rows for the other words."""
+    grid = scene.image.shape[0] // TOKEN_PIXELS
+    weights = np.zeros((MAX_SEQUENCE_LENGTH, grid * grid), dtype=np.float32)
+    for position, mask in word_regions(scene, caption):
+        if position < MAX_SEQUENCE_LENGTH:
+            weights[position] = mask.reshape(grid, TOKEN_PIXELS, grid, TOKEN_PIXELS).mean(axis=(1, 3)).ravel()
+    return weights
 
 
 def concept_targets(scene) -> list[int]:
@@ -241,6 +267,66 @@ class TextStates:
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
+
+
+class BlockInputs:
+    """Forward pre-hooks that keep the inputs of some dual blocks (for the attention-grounding objective)."""
+
+    NAMES = ("hidden_states", "encoder_hidden_states", "temb", "image_rotary_emb")
+
+    def __init__(self, transformer, blocks: list[int]) -> None:
+        self.blocks = list(blocks)
+        self.inputs: dict[int, dict] = {}
+        self.handles = [transformer.transformer_blocks[i].register_forward_pre_hook(self._keep(i), with_kwargs=True)
+                        for i in self.blocks]
+
+    def _keep(self, index: int):
+        def hook(module, args, kwargs):
+            self.inputs[index] = {name: kwargs[name] for name in self.NAMES}
+        return hook
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def word_image_log_attention(block, inputs: dict, batch: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    """``(words, heads, image tokens)``: log-softmax over the image tokens of the attention logits of caption word
+    ``position`` of sample ``batch`` in a dual block, recomputed from the block's inputs as FluxAttnProcessor
+    computes them (modulated norm, projection, qk-norm, rotary embedding)."""
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    attn = block.attn
+    image = block.norm1(inputs["hidden_states"], emb=inputs["temb"])[0]
+    text = block.norm1_context(inputs["encoder_hidden_states"], emb=inputs["temb"])[0]
+    query = attn.norm_added_q(attn.add_q_proj(text).unflatten(-1, (-1, attn.head_dim)))
+    key = attn.norm_k(attn.to_k(image).unflatten(-1, (-1, attn.head_dim)))
+    cos, sin = inputs["image_rotary_emb"]
+    length = text.shape[1]
+    query = apply_rotary_emb(query, (cos[:length], sin[:length]), sequence_dim=1)
+    key = apply_rotary_emb(key, (cos[length:], sin[length:]), sequence_dim=1)
+    logits = torch.einsum("nhd,nkhd->nhk", query[batch, position], key[batch]) * attn.head_dim ** -0.5
+    return logits.float().log_softmax(-1)
+
+
+def grounding_loss(transformer, inputs: BlockInputs, regions: torch.Tensor, keep: torch.Tensor
+                   ) -> tuple[torch.Tensor, float]:
+    """The last-resort objective: for each region-naming caption word of the kept samples, ``-log`` of the
+    share of its text->image attention (softmax over image tokens) that falls on its region, averaged over words,
+    heads and the chosen blocks; and that share's mean (nan without words)."""
+    weights = regions * keep[:, None, None]
+    batch, position = (weights.sum(-1) > 0).nonzero(as_tuple=True)
+    if batch.numel() == 0:
+        return transformer.x_embedder.weight.new_zeros(()), float("nan")
+    log_weights = weights[batch, position].log()[:, None, :]  # (words, 1, tokens); -inf outside the region
+    losses, shares = [], []
+    for index in inputs.blocks:
+        log_attention = word_image_log_attention(transformer.transformer_blocks[index], inputs.inputs[index],
+                                                 batch, position)
+        log_share = torch.logsumexp(log_attention + log_weights, dim=-1)  # (words, heads)
+        losses.append(-log_share.mean())
+        shares.append(float(log_share.detach().exp().mean()))
+    return torch.stack(losses).mean(), sum(shares) / len(shares)
 
 
 def latents_and_ids(pipe, images_u8):
@@ -431,6 +517,10 @@ def parse_args(argv=None):
     recipe.add_argument("--decay-start", type=int, default=None, help="step where a linear lr decay starts")
     recipe.add_argument("--decay-steps", type=int, default=None, help="length of the decay (0 = constant lr)")
     recipe.add_argument("--lr-final", type=float, default=None, help="lr at the end of the decay; default 1e-4")
+    recipe.add_argument("--grounding-weight", type=float, default=None,
+                        help="the issue's last resort, 0 = off (default): weight of a loss on region-naming caption "
+                        "words' text->image attention in --grounding-blocks (the maps of those blocks are then trained)")
+    recipe.add_argument("--grounding-blocks", default=None, help="dual blocks of the grounding loss; default 1,2")
     return ap.parse_args(argv)
 
 
@@ -475,6 +565,7 @@ class Run:
     ema: dict
     step: int = 0
     wall: float = 0.0
+    inputs: BlockInputs | None = None
 
     @property
     def concept_on(self) -> bool:
@@ -518,6 +609,8 @@ def start_run(args) -> Run:
     if args.concept_binding_weight > 0 and not run.concept_on:
         opt.add_param_group({"params": list(concept_heads.parameters())})
     run.states = TextStates(pipe.transformer)
+    if args.grounding_weight > 0:
+        run.inputs = BlockInputs(pipe.transformer, grounding_blocks(args))
     if args.compile:
         for block in [*pipe.transformer.transformer_blocks, *pipe.transformer.single_transformer_blocks]:
             block.compile()  # in place: parameter names, checkpoints and the EMA are unchanged
@@ -526,7 +619,8 @@ def start_run(args) -> Run:
 
 def trim_loss_log(loss_csv: Path, step: int) -> None:
     """Start a new log, or drop the rows written after the checkpoint being resumed."""
-    header = ["step", "wall_seconds", "loss", "binding", "binding_acc", "lr", "concept", "concept_acc"]
+    header = ["step", "wall_seconds", "loss", "binding", "binding_acc", "lr", "concept", "concept_acc",
+              "grounding", "grounding_share"]
     rows = [header]
     if step and loss_csv.exists():
         with open(loss_csv) as f:
@@ -548,21 +642,33 @@ class StopFlag:
         print(f"signal {signum}: saving and stopping after this step", flush=True)
 
 
-def train_step(run: Run, batch: tuple, lr: float, args) -> tuple[float, float, float, float, float]:
-    """One optimiser step; (flow, binding loss, binding accuracy, concept loss, concept accuracy)."""
-    images, captions, targets, concept_targets_ = batch
+def grounding_blocks(args) -> list[int]:
+    return [int(b) for b in str(args.grounding_blocks).split(",")]
+
+
+def train_step(run: Run, batch: tuple, lr: float, args) -> tuple[float, ...]:
+    """One optimiser step; (flow, binding loss, binding accuracy, concept loss, concept accuracy, grounding loss,
+    attention share on the named region)."""
+    images, captions, targets, concept_targets_, regions = batch
     for group in run.opt.param_groups:
         group["lr"] = lr
+    recipe = recipe_of(args)
+    sigma = sample_noise_levels(targets, None, recipe["t_high_frac"], recipe["t_high_mean"], recipe["binding_t_max"])
     concept = (run.concept_rows, run.concept_heads, concept_targets_) if args.concept_binding_weight > 0 else None
     flow, binding, accuracy, concept_loss, concept_accuracy = training_losses(
-        run.pipe, run.heads, run.states, images, captions, targets, recipe_of(args), concept=concept)
+        run.pipe, run.heads, run.states, images, captions, targets, recipe, sigma=sigma, concept=concept)
+    grounding, share = flow.new_zeros(()), float("nan")
+    if run.inputs is not None:
+        grounding, share = grounding_loss(run.pipe.transformer, run.inputs, regions, sigma <= args.binding_t_max)
     run.opt.zero_grad(set_to_none=True)
-    (flow + args.binding_weight * binding + args.concept_binding_weight * concept_loss).backward()
+    total = flow + args.binding_weight * binding + args.concept_binding_weight * concept_loss
+    (total + args.grounding_weight * grounding).backward()
     params = [p for group in run.opt.param_groups for p in group["params"] if p.grad is not None]
     torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
     run.opt.step()
     return (flow.item(), binding.item() if accuracy == accuracy else float("nan"), accuracy,
-            concept_loss.item() if concept_accuracy == concept_accuracy else float("nan"), concept_accuracy)
+            concept_loss.item() if concept_accuracy == concept_accuracy else float("nan"), concept_accuracy,
+            grounding.item() if share == share else float("nan"), share)
 
 
 def update_ema(ema: dict, transformer, step: int, rate: float) -> None:
@@ -605,9 +711,10 @@ def main(argv=None) -> None:
                 values = train_step(run, next(data), lr, args)
                 run.step += 1
                 update_ema(run.ema, run.pipe.transformer, run.step, args.ema)
-                flow, binding, accuracy, concept, concept_accuracy = values
+                flow, binding, accuracy, concept, concept_accuracy, grounding, share = values
                 writer.writerow([run.step, f"{wall0 + time.time() - started:.1f}", f"{flow:.5f}", f"{binding:.5f}",
-                                 f"{accuracy:.3f}", f"{lr:.3e}", f"{concept:.5f}", f"{concept_accuracy:.3f}"])
+                                 f"{accuracy:.3f}", f"{lr:.3e}", f"{concept:.5f}", f"{concept_accuracy:.3f}",
+                                 f"{grounding:.5f}", f"{share:.3f}"])
                 window.append(values)
                 if run.step % args.log_every == 0:
                     log.flush()
@@ -623,9 +730,11 @@ def main(argv=None) -> None:
 
 
 def report(run: Run, window: list[tuple], lr: float, seconds: float, wall: float) -> None:
-    flows, bindings, accs, concepts, concept_accs = (mean_of_numbers(column) for column in zip(*window))
+    flows, bindings, accs, concepts, concept_accs, groundings, shares = (mean_of_numbers(c) for c in zip(*window))
+    grounded = f"grounding {groundings:.3f} share {shares:.2f} " if groundings == groundings else ""
     print(f"step {run.step} loss {flows:.4f} binding {bindings:.4f} acc {accs:.2f} concept {concepts:.4f} "
-          f"acc {concept_accs:.2f} lr {lr:.2e} {seconds / len(window):.2f} s/step wall {wall / 3600:.2f} h", flush=True)
+          f"acc {concept_accs:.2f} {grounded}lr {lr:.2e} {seconds / len(window):.2f} s/step wall {wall / 3600:.2f} h",
+          flush=True)
 
 
 if __name__ == "__main__":

@@ -148,6 +148,25 @@ def test_one_colour_scale_per_figure_with_a_colour_bar():
     plt.close(figure)
 
 
+def test_a_models_notice_is_written_above_its_figure():
+    import matplotlib.pyplot as plt
+
+    maps, image = make_maps(), Image.new("RGB", (60, 40))
+    plain = maps.figure(image)
+    maps.meta["model_notice"] = "trained maps: blocks 1 and 2 were a training target"
+    noted = maps.figure(image)
+    both = maps.figure(image, normalize="per_concept")
+    always = [t.get_text() for t in plain.texts]
+    added = lambda figure: [t for t in figure.texts if t.get_text() not in always]
+    assert [t.get_text() for t in added(noted)] == ["trained maps: blocks 1 and 2 were a training target"]
+    assert [t.get_text()[:8] for t in added(both)] == ["trained ", "per-map "]
+    assert noted.get_size_inches()[1] > plain.get_size_inches()[1]  # room made for the line
+    heights = [t.get_position()[1] for t in added(both)]
+    assert heights[0] > heights[1]  # one line under the other
+    for figure in (plain, noted, both):
+        plt.close(figure)
+
+
 def test_colour_word_concepts_are_drawn_in_their_colour():
     import matplotlib.pyplot as plt
 

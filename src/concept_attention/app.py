@@ -29,8 +29,8 @@ from . import viz
 from .core.maps import ConceptMaps
 from .explanation import explain, load_image
 from .generation import generate
-from .options import MAX_CONCEPTS, adapter_of, check_concepts, default_layers, pipeline_defaults, size_rule, \
-    valid_frame_counts
+from .options import MAX_CONCEPTS, adapter_of, check_concepts, default_layers, model_notice, pipeline_defaults, \
+    size_rule, valid_frame_counts
 
 GENERIC_EXAMPLES = [
     {"prompt": "a dog by a tree in a park", "concepts": ["dog", "tree", "grass", "sky"]},
@@ -383,7 +383,8 @@ def build_app(pipe: Any) -> Any:
         gr.Markdown(
             "# ConceptAttention\nWhere does the diffusion transformer see each concept? "
             f"Model: `{getattr(pipe, 'model_id', None) or type(pipe).__name__}`. Concepts need not appear in the "
-            f"prompt (up to {MAX_CONCEPTS}); add a filler such as a background word so that every pixel has a home.")
+            f"prompt (up to {MAX_CONCEPTS}); add a filler such as a background word so that every pixel has a home."
+            + (f"\n\n**Note on this model:** {model_notice(pipe)}" if model_notice(pipe) else ""))
         with gr.Tab(f"Generate {kind}"):
             generate_tab(gr, app, page)
         with gr.Tab(f"Explain {kind}"):

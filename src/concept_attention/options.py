@@ -12,13 +12,13 @@ from typing import Any
 
 from .adapters import ModelAdapter, VideoAdapter, resolve_adapter
 from .core.defaults import (
-    MAX_CONCEPTS, check_concepts, default_timestep, model_default_layers, parse_concepts, pipeline_defaults,
-    resolve_layers,
+    MAX_CONCEPTS, check_concepts, default_timestep, model_default_layers, model_notice, parse_concepts,
+    pipeline_defaults, resolve_layers,
 )
 
 __all__ = [
     "MAX_CONCEPTS", "adapter_of", "check_concepts", "check_num_frames", "check_request", "checked_size",
-    "default_layers", "frame_count", "model_size", "parse_concepts", "pipeline_defaults", "resolve_layers",
+    "default_layers", "frame_count", "model_notice", "model_size", "parse_concepts", "pipeline_defaults", "resolve_layers",
     "run_size", "size_rule", "valid_frame_counts",
 ]
 

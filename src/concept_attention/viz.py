@@ -489,19 +489,27 @@ def concept_figure(
     if any(block.concepts != maps.concepts for block in blocks):
         raise ValueError("compare maps must have the same concepts as the maps")
     value_range(maps, batch_index, 0, normalize_mode)  # checks the mode before drawing
-    layout = _Layout(list(maps.concepts), len(blocks), panel_size,
-                     note=0.3 if normalize_mode == "per_concept" else 0.0)
+    notes = figure_notes(maps, normalize_mode)
+    layout = _Layout(list(maps.concepts), len(blocks), panel_size, note=0.3 * len(notes))
     drawn = plt.figure(figsize=(layout.width, layout.height))
     base = enlarged(to_rgb_image(image))
     palette = concept_palette(maps.concepts)
     _draw_strip(drawn, layout, blocks, base, palette, batch_index)
     for block, block_maps in enumerate(blocks):
         _draw_block(drawn, layout, block, block_maps, base, batch_index, alpha, cmap, normalize_mode)
-    if normalize_mode == "per_concept":
-        drawn.text(0.5, 1.0 - (layout.top + 0.12) / layout.height, "per-map scale: every map is stretched to its "
-                   "own min–max (shown in its title), so colours are not comparable between maps",
-                   ha="center", va="center", fontsize=9, style="italic")
+    for line, note in enumerate(notes):
+        drawn.text(0.5, 1.0 - (layout.top + 0.12 + 0.3 * line) / layout.height, note,
+                   ha="center", va="center", fontsize=9, style="italic", wrap=True)
     return drawn
+
+
+def figure_notes(maps: ConceptMaps, normalize_mode: str) -> list[str]:
+    """Lines printed above a figure: the model's notice (``maps.meta["model_notice"]``) and the per-map scale."""
+    notes = [str(maps.meta["model_notice"])] if maps.meta.get("model_notice") else []
+    if normalize_mode == "per_concept":
+        notes.append("per-map scale: every map is stretched to its own min–max (shown in its title), so colours "
+                     "are not comparable between maps")
+    return notes
 
 
 def _draw_strip(drawn: Any, layout: _Layout, blocks: list[ConceptMaps], base: Image.Image,

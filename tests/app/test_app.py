@@ -207,3 +207,14 @@ def test_the_api_has_named_endpoints_and_parameters(server):
              for endpoint, info in endpoints.items()}
     assert names["/generate"] == ["prompt", "concepts", "seed", "steps", "width", "height"]
     assert names["/explain"] == ["file", "concepts", "prompt", "timestep", "samples", "layer_start", "layer_end"]
+
+
+def test_the_page_says_what_the_models_notice_says(tiny_model_dir):
+    from concept_attention.app import build_app
+    from concept_attention.loading import load_pipeline
+
+    pipe = load_pipeline(str(tiny_model_dir))
+    texts = lambda demo: " ".join(str(getattr(block, "value", "")) for block in demo.blocks.values())
+    assert "Note on this model" not in texts(build_app(pipe))
+    pipe.concept_attention_defaults = {**pipe.concept_attention_defaults, "notice": "blocks 1 and 2 were trained"}
+    assert "**Note on this model:** blocks 1 and 2 were trained" in texts(build_app(pipe))

@@ -173,3 +173,23 @@ def test_concepts_the_model_cannot_read_are_reported(model_dir, tmp_path, capsys
     err = capsys.readouterr().err
     assert "warning: concepts '🐶' and '日本' encode to the same tokens" in err
     assert "warning: concept '🐶' is mostly unknown" in err
+
+
+def test_a_models_notice_is_shown_with_its_maps(model_dir, tmp_path, capsys):
+    import json
+    import shutil
+
+    noted = tmp_path / "noted-model"
+    shutil.copytree(model_dir, noted)
+    config = json.loads((noted / "concept_attention.json").read_text())
+    notice = "trained maps: in blocks 1 and 2 caption words' attention was a training target"
+    (noted / "concept_attention.json").write_text(json.dumps({**config, "notice": notice}))
+    out = tmp_path / "gen"
+    assert main(["generate", "a dog", "--concepts", "dog,sky", "--model", str(noted), "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    printed = " ".join((captured.out + captured.err).split())
+    assert f"note on this model: {notice}" in printed
+    assert ConceptMaps.load(out).meta["model_notice"] == notice
+    assert main(["generate", "a dog", "--concepts", "dog,sky", "--model", str(model_dir), "--out", str(tmp_path / "plain")]) == 0
+    assert "note on this model" not in "".join(capsys.readouterr())
+    assert "model_notice" not in ConceptMaps.load(tmp_path / "plain").meta

@@ -1,5 +1,7 @@
 """The embedded model's training script: resumable, sticky recipe, binding objective, compact checkpoint, export."""
 import csv
+import json
+import types
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +68,7 @@ def test_export_is_a_plain_flux_pipeline_without_heads(train_module, tmp_path):
     run(train_module, tmp_path / "run", "--max-steps", "1", "--tied", "1")
     export = load_script("scripts/export_embedded.py").export
     out = export(str(tmp_path / "run" / "last.pt"), str(tmp_path / "export"), vae_dir=str(VAE))
+    assert "notice" not in json.loads((out / "concept_attention.json").read_text())
     pipe = FluxPipeline.from_pretrained(out)
     reference = FluxTransformer2DModel.from_config(pipe.transformer.config)
     assert set(pipe.transformer.state_dict()) == set(reference.state_dict())  # no binding heads, nothing extra
@@ -173,7 +176,7 @@ def test_concept_stream_objective_leaves_the_image_alone(train_module):
     blocks, width = len(pipe.transformer.transformer_blocks), pipe.transformer.inner_dim
     heads, concept_heads = train_module.BindingHeads(blocks, width), train_module.ConceptHeads(blocks, width)
     states = train_module.TextStates(pipe.transformer)
-    images, captions, caption_targets, concept_targets = train_module.make_batch(0, 3, 3)
+    images, captions, caption_targets, concept_targets, _ = train_module.make_batch(0, 3, 3)
     rows = train_module.encode_concept_rows(pipe)
     assert rows.shape == (len(train_module.CONCEPT_WORDS), pipe.transformer.config.joint_attention_dim)
     sigma = torch.tensor([0.2, 0.5, 0.95])
@@ -186,3 +189,103 @@ def test_concept_stream_objective_leaves_the_image_alone(train_module):
     assert torch.allclose(plain[0], with_stream[0], atol=1e-6)  # the masked concept rows do not touch the image
     assert states.states[0].shape[1] == 16 + len(train_module.CONCEPT_WORDS)
     assert with_stream[3] > 0 and 0.0 <= with_stream[4] <= 1.0
+
+
+def test_region_weights_cover_each_named_words_region(train_module):
+    from concept_attention.scenes.training import render_training_scene, word_regions
+
+    scene = next(s for s in (render_training_scene(seed, 128) for seed in range(50)) if len(s.objects) == 2)
+    caption = " ".join([scene.objects[1].phrase(), "and", scene.objects[0].phrase(), "on", scene.background])
+    weights = train_module.region_weights(scene, caption)
+    assert weights.shape == (16, 256)
+    named = {position for position, _ in word_regions(scene, caption)}
+    assert {i for i in range(16) if weights[i].any()} == named == {1, 2, 5, 6, 8}
+    obj = scene.objects[1]  # named first
+    assert weights[1].reshape(16, 16)[int(obj.centre[1]) // 8, int(obj.centre[0]) // 8] == 1.0
+    assert weights[1].sum() == pytest.approx(obj.mask.sum() / 64)
+    assert np.allclose(weights[1] + weights[5] + weights[8], 1.0)  # the regions tile the image
+    batch = train_module.make_batch(0, 3, 3)
+    assert batch[4].shape == (3, 16, 256)
+
+
+def test_grounding_loss_reads_the_attention_flux_computes(train_module, monkeypatch):
+    import diffusers.models.transformers.transformer_flux as flux
+
+    pipe = train_module.load_models(str(VAE), seed=0)
+    recorded, dispatch = [], flux.dispatch_attention_fn
+    monkeypatch.setattr(flux, "dispatch_attention_fn", lambda q, k, v, **kw: recorded.append((q, k)) or dispatch(q, k, v, **kw))
+    inputs = train_module.BlockInputs(pipe.transformer, [1, 2])
+    blocks, width = len(pipe.transformer.transformer_blocks), pipe.transformer.inner_dim
+    states = train_module.TextStates(pipe.transformer)
+    images, captions, targets, concepts, regions = train_module.make_batch(0, 11, 4)
+    sigma = torch.tensor([0.1, 0.3, 0.5, 0.9])
+    rows = train_module.encode_concept_rows(pipe)
+    train_module.training_losses(pipe, train_module.BindingHeads(blocks, width), states, images, captions, targets,
+                                 train_module.RECIPE_DEFAULTS, torch.Generator().manual_seed(0), sigma,
+                                 concept=(rows, train_module.ConceptHeads(blocks, width), concepts))
+    batch, position = (regions.sum(-1) > 0).nonzero(as_tuple=True)
+    text = 16 + len(train_module.CONCEPT_WORDS)
+    for index in (1, 2):
+        query, key = recorded[index]
+        expected = torch.einsum("nhd,nkhd->nhk", query[batch, position], key[batch, text:]) * query.shape[-1] ** -0.5
+        block = pipe.transformer.transformer_blocks[index]
+        mine = train_module.word_image_log_attention(block, inputs.inputs[index], batch, position)
+        torch.testing.assert_close(mine, expected.log_softmax(-1), atol=1e-5, rtol=0)
+
+    keep = sigma <= 0.8
+    loss, share = train_module.grounding_loss(pipe.transformer, inputs, regions, keep)
+    loss.backward()
+    grad = pipe.transformer.transformer_blocks[1].attn.add_q_proj.weight.grad
+    assert grad is not None and grad.abs().sum() > 0 and 0.0 < share < 1.0
+    assert pipe.transformer.transformer_blocks[3].attn.add_q_proj.weight.grad is None  # after the grounded blocks
+    assert regions[3].any() and train_module.grounding_loss(pipe.transformer, inputs, regions, torch.ones(4) > 0)[0] != loss
+    # (the high-noise sample's words count only when it is kept)
+    none = train_module.grounding_loss(pipe.transformer, inputs, regions, torch.zeros(4, dtype=torch.bool))
+    assert float(none[0]) == 0.0 and none[1] != none[1]
+
+
+def test_grounding_share_is_one_when_attention_is_on_the_region(train_module):
+    class Attention:  # a stand-in whose log-attention is given
+        blocks = [0]
+        inputs = {0: None}
+
+    model = types.SimpleNamespace(transformer_blocks=[None])
+    regions = torch.zeros(1, 16, 4)
+    regions[0, 2] = torch.tensor([1.0, 0.5, 0.0, 0.0])
+    on_region = torch.tensor([[[0.0, -40.0, -40.0, -40.0]]])
+    original = train_module.word_image_log_attention
+    try:
+        train_module.word_image_log_attention = lambda block, inputs, batch, position: on_region.log_softmax(-1)
+        loss, share = train_module.grounding_loss(model, Attention(), regions, torch.ones(1, dtype=torch.bool))
+        assert share == pytest.approx(1.0) and float(loss) == pytest.approx(0.0, abs=1e-6)
+        train_module.word_image_log_attention = lambda block, inputs, batch, position: on_region.flip(-1).log_softmax(-1)
+        loss, share = train_module.grounding_loss(model, Attention(), regions, torch.ones(1, dtype=torch.bool))
+        assert share == pytest.approx(0.0, abs=1e-6) and float(loss) > 10
+    finally:
+        train_module.word_image_log_attention = original
+
+
+def test_grounding_is_a_recorded_recipe_change(train_module, tmp_path):
+    run(train_module, tmp_path, "--max-steps", "1")
+    run(train_module, tmp_path, "--resume", "--max-steps", "2", "--grounding-weight", "0.5")
+    run(train_module, tmp_path, "--resume", "--max-steps", "3")
+    last = torch.load(tmp_path / "last.pt", map_location="cpu", weights_only=False)
+    assert last["args"]["grounding_weight"] == 0.5 and last["args"]["grounding_blocks"] == "1,2"
+    assert last["args"]["history"] == [{"step": 1, "change": "grounding_weight=0.5"}]
+    rows = loss_rows(tmp_path)
+    assert rows[0]["grounding_share"] in (None, "nan") and all(0 < float(r["grounding_share"]) < 1 for r in rows[1:]
+                                                             if r["grounding_share"] != "nan")
+
+
+def test_export_of_a_grounded_run_carries_the_notice(train_module, tmp_path):
+    run(train_module, tmp_path / "run", "--max-steps", "1", "--grounding-weight", "0.5")
+    export = load_script("scripts/export_embedded.py").export
+    out = export(str(tmp_path / "run" / "last.pt"), str(tmp_path / "export"), vae_dir=str(VAE))
+    defaults = json.loads((out / "concept_attention.json").read_text())
+    assert defaults["grounded_blocks"] == [1, 2]
+    assert "blocks 1 and 2" in defaults["notice"] and "training target" in defaults["notice"]
+    from concept_attention import generate
+    from concept_attention.loading import load_pipeline
+
+    maps = generate(load_pipeline(str(out)), "a red circle", ["red", "circle"], steps=1)
+    assert maps.meta["model_notice"] == defaults["notice"]

@@ -9,6 +9,7 @@ from concept_attention.scenes import render_scene
 from concept_attention.scenes.render import BACKGROUNDS, COLOURS, EXCLUDED_PAIRS, SHAPES
 from concept_attention.scenes.training import (
     COLOUR_TO_SHAPE, SHAPE_TO_COLOUR, TARGET_CLASSES, render_training_scene, sample_caption, scene_object,
+    word_regions,
 )
 
 
@@ -83,3 +84,32 @@ def test_binding_targets_point_at_their_own_object(samples):
     assert modes[COLOUR_TO_SHAPE] > 50 and modes[SHAPE_TO_COLOUR] > 50
     assert set(TARGET_CLASSES) == {COLOUR_TO_SHAPE, SHAPE_TO_COLOUR}
     assert all(bg in BACKGROUNDS for bg in {scene.background for scene, _ in samples})
+
+
+def test_word_regions_name_each_words_own_object_or_the_background(samples):
+    named = collections.Counter()
+    for scene, caption in samples:
+        words = caption.text.split()
+        for index, mask in word_regions(scene, caption.text):
+            word = words[index]
+            if word in BACKGROUNDS:
+                assert word == scene.background and np.array_equal(mask, scene.background_mask)
+                named["background"] += 1
+                continue
+            owner = next(o for o in scene.objects if o.mask is mask)
+            assert word in (owner.colour, owner.shape)
+            neighbours = {w for w in words[max(0, index - 1):index + 2] if w in COLOURS or w in SHAPES}
+            assert all(w in (owner.colour, owner.shape) for w in neighbours)  # "a red circle": both words, one object
+            named[caption.kind] += 1
+    assert named["background"] > 50 and named["full"] > 100 and named["binding"] > 50 and named["partial"] > 5
+
+
+def test_word_regions_leave_out_words_that_fit_several_objects():
+    scene = next(s for s in (render_training_scene(seed) for seed in range(500))
+                 if len(s.objects) == 2 and s.objects[0].colour == s.objects[1].colour)
+    first, second = scene.objects
+    caption = f"a {first.colour} {first.shape} and a {second.colour} {second.shape} on {scene.background}"
+    regions = dict(word_regions(scene, caption))
+    assert regions[1] is first.mask and regions[2] is first.mask and regions[5] is second.mask
+    assert 1 not in dict(word_regions(scene, f"a {first.colour} object"))  # two red objects: no region
+    assert dict(word_regions(scene, "a cat on mars")) == {}

@@ -40,6 +40,8 @@ def _report(maps: Any, out: Path, started: float, console: Any) -> None:
     console.print(table)
     files = ", ".join(sorted(p.name for p in out.iterdir()))
     console.print(f"wrote {out}/ ({files}) in {time.perf_counter() - started:.1f} s")
+    if maps.meta.get("model_notice"):
+        console.print(f"note on this model: {maps.meta['model_notice']}", style="yellow")
 
 
 def _shared_options(args: argparse.Namespace) -> tuple[Any, list[str], tuple[int, int] | None, list[int] | None]:

@@ -20,6 +20,13 @@ def pipeline_defaults(pipe: Any) -> dict[str, Any]:
     return dict(getattr(pipe, "concept_attention_defaults", {}) or {})
 
 
+def model_notice(pipe: Any) -> str | None:
+    """What the model's makers ask every display of its maps to say (``concept_attention.json``'s ``notice``,
+    e.g. that the maps of some blocks were a training target), or ``None``."""
+    notice = pipeline_defaults(pipe).get("notice")
+    return str(notice) if notice else None
+
+
 def default_timestep(pipe: Any) -> float:
     """The model's explain timestep (``concept_attention.json``), else :data:`DEFAULT_TIMESTEP`."""
     return float(pipeline_defaults(pipe).get("timestep", DEFAULT_TIMESTEP))

@@ -15,7 +15,9 @@ from .calls import (
     watch_pipeline_calls,
 )
 from .contract import BlockSlot, CallState, ModelAdapter, resolve_adapter
-from .defaults import check_concepts, model_default_layers, non_empty_list, pipeline_defaults, resolve_layers
+from .defaults import (
+    check_concepts, model_default_layers, model_notice, non_empty_list, pipeline_defaults, resolve_layers,
+)
 from .maps import ConceptMaps
 from .scoring import SPACES, BlockActivations, ConceptGroups, RunningMaps, concept_attention, concept_maps, token_scores
 
@@ -369,10 +371,12 @@ class ConceptAttention:
             softmax=self.softmax and len(self.concepts) > 1, per_layer=per_layer, meta=self._meta())
 
     def _meta(self) -> dict[str, Any]:
+        notice = model_notice(self.pipeline)
         return {"model": type(self.transformer).__name__, "family": self.adapter.family,
                 "concept_tokens": list(self.groups.sizes), "concept_modulation": self.concept_modulation,
                 "concept_self_attention": self.concept_self_attention,
-                "concept_cross_attention": self.concept_cross_attention, "skipped_steps": list(self._skipped_steps)}
+                "concept_cross_attention": self.concept_cross_attention, "skipped_steps": list(self._skipped_steps),
+                **({"model_notice": notice} if notice else {})}
 
 
 def unwrap_compiled(module: nn.Module) -> nn.Module:

@@ -150,6 +150,33 @@ def sample_caption(scene: Scene, rng: np.random.Generator, probs: dict[str, floa
     return TrainingCaption("", "empty")
 
 
+def word_regions(scene: Scene, caption: str) -> list[tuple[int, np.ndarray]]:
+    """``(word index, mask)`` for each word of ``caption`` that names exactly one region of ``scene``: a colour or
+    shape word -> the one object its phrase (the run of colour and shape words around it) fits; the scene's
+    background word -> the background. Used only by the optional attention-grounding objective."""
+    words = caption.split()
+    regions = []
+    for index, word in enumerate(words):
+        if word in BACKGROUNDS and word == scene.background:
+            regions.append((index, scene.background_mask))
+        elif word in COLOURS or word in SHAPES:
+            phrase = _attribute_run(words, index)
+            owners = [o for o in scene.objects if all(w in (o.colour, o.shape) for w in phrase)]
+            if len(owners) == 1:
+                regions.append((index, owners[0].mask))
+    return regions
+
+
+def _attribute_run(words: list[str], index: int) -> list[str]:
+    """The colour and shape words next to each other around ``words[index]``."""
+    start, end = index, index + 1
+    while start > 0 and (words[start - 1] in COLOURS or words[start - 1] in SHAPES):
+        start -= 1
+    while end < len(words) and (words[end] in COLOURS or words[end] in SHAPES):
+        end += 1
+    return words[start:end]
+
+
 def scene_object(scene: Scene, target: BindingTarget, caption: str) -> SceneObject:
     """The object a binding target's word names (for tests and diagnostics)."""
     word = caption.split()[target.position]
