@@ -78,10 +78,11 @@ def change_steps(history: list[dict]) -> list[int]:
     steps = set()
     decays = [float(c["change"].partition("=")[2]) for c in history if c["change"].startswith("decay_steps=")]
     decay_cancelled = bool(decays) and decays[-1] == 0
+    starts = [c for c in history if c["change"].startswith("decay_start=")]
     for change in history:
         name, _, value = change["change"].partition("=")
-        if name == "decay_steps" or (name == "decay_start" and decay_cancelled):
-            continue  # a decay is drawn at its start; one cancelled before it began is not drawn
+        if name == "decay_steps" or (name == "decay_start" and (decay_cancelled or change is not starts[-1])):
+            continue  # a decay is drawn at its start; one cancelled or moved before it began is not drawn
         steps.add(int(float(value)) if name == "decay_start" and float(value) > 0 else int(change["step"]))
     return sorted(steps)
 
@@ -111,8 +112,14 @@ def main() -> None:
         if concept:
             ax_head.plot([a for a, _ in concept], smooth([b for _, b in concept], 200), lw=1, color="tab:olive",
                          label="concept heads (concept rows)")
+        share = [(int(r["step"]), float(r["grounding_share"])) for r in rows
+                 if r.get("grounding_share") not in (None, "", "nan")]
+        if share:
+            ax_head.plot([a for a, _ in share], smooth([b for _, b in share], 200), lw=1, color="tab:cyan",
+                         label="grounding: caption words' attention on their region")
+        if concept or share:
             ax_head.legend(fontsize=7, loc="lower left")
-        ax_head.set(ylabel="head accuracy", ylim=(0, 1))
+        ax_head.set(ylabel="head accuracy / attention share", ylim=(0, 1))
         ax_head.yaxis.label.set_color("tab:purple")
     for task, colour in (("colour", "tab:red"), ("shape", "tab:blue")):
         xs = [p["step"] for p in points]

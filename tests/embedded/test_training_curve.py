@@ -38,6 +38,9 @@ def test_a_decay_cancelled_before_it_began_is_not_drawn():
                {"step": 3306, "change": "decay_steps=0"}]
     assert load().change_steps(history) == [2584]
     assert load().change_steps(history[:3]) == [2584, 5000]
+    later = history + [{"step": 8795, "change": "grounding_weight=0.5"},
+                       {"step": 8795, "change": "decay_start=12300"}, {"step": 8795, "change": "decay_steps=1000"}]
+    assert load().change_steps(later) == [2584, 8795, 12300]  # the cancelled decay stays undrawn
 
 
 def test_rows_of_steps_trained_again_after_a_resume_keep_the_later_row(tmp_path):
