@@ -21,7 +21,9 @@ Methods: ConceptAttention (output space), concept cross-attention and value spac
 each FLUX.1 dual block (:class:`PromptCrossAttention`): the caption's own T5 tokens attending to
 the image keys, ``softmax over image tokens of (q_p · k_x / sqrt(d))`` with the processor's qk-norm
 and rotary embedding, averaged over heads and noise samples, then over the same blocks as the
-other methods (default blocks / all blocks). A concept word's map is the mean over its positions
+other methods (default blocks / all blocks). For a model whose maps were partly trained
+(``grounded_blocks`` in its ``concept_attention.json``), every method is also scored on the trained and on
+the untrained blocks separately. A concept word's map is the mean over its positions
 in the caption (every occurrence; a word split into several pieces averages its pieces); a word
 absent from the caption gets an all-zero map. This baseline exists only for the "caption" prompt,
 and it is an *easier* setting than open-vocabulary concept maps: the caption names exactly the
@@ -302,6 +304,7 @@ def main() -> None:
     num_blocks = len(dual_blocks)
     blocks = list(range(num_blocks))
     default_blocks = pipe_default_layers(pipe, num_blocks)
+    block_groups = trained_block_groups(pipe, blocks)
     length = prompt_length(pipe)
     scene_size = native_scene_size(pipe)
     tasks = {"colour": (list(COLOURS), "colour"), "shape": (list(SHAPES), "shape")}
@@ -336,6 +339,9 @@ def main() -> None:
                         upsample(default.tensor[0], size), scene, kind)
                     scores_for(task, prompt, f"{label} (all blocks)").add(
                         upsample(space_maps.tensor[0], size), scene, kind)
+                    for group, chosen in block_groups:
+                        scores_for(task, prompt, f"{label} ({group})").add(
+                            upsample(space_maps.for_layers(chosen).tensor[0], size), scene, kind)
                     if space == "output":
                         for block in blocks:
                             scores_for(task, prompt, f"ConceptAttention block {block}").add(
@@ -346,7 +352,7 @@ def main() -> None:
                     if sorted(recorder.maps) != blocks or any(m.shape[0] != length for m in recorder.maps.values()):
                         raise RuntimeError("prompt cross-attention: not every block was recorded, or the prompt "
                                            "length differs from the tokenizer's padded length")
-                    for label, chosen in (("default blocks", default_blocks), ("all blocks", blocks)):
+                    for label, chosen in (("default blocks", default_blocks), ("all blocks", blocks), *block_groups):
                         baseline = prompt_cross_attention_maps(recorder.maps, chosen, positions, grid)
                         scores_for(task, prompt, f"{PROMPT_CROSS_ATTENTION} ({label})").add(
                             upsample(baseline, size), scene, kind)
@@ -364,6 +370,20 @@ def main() -> None:
     (out / "scenes.md").write_text(table)
     print(table)
     print(f"total {time.perf_counter() - started:.0f} s; wrote {out}/scenes.json and scenes.md")
+
+
+def trained_block_groups(pipe, blocks: list[int]) -> list[tuple[str, list[int]]]:
+    """For a model whose maps were partly trained (``grounded_blocks`` in its ``concept_attention.json``): the
+    trained and the untrained blocks, each scored as a group of its own; else nothing."""
+    from concept_attention.loading import pipeline_defaults
+
+    trained = [b for b in pipeline_defaults(pipe).get("grounded_blocks") or [] if b in blocks]
+    if not trained:
+        return []
+    untrained = [b for b in blocks if b not in trained]
+    name = lambda chosen: ", ".join(str(b) for b in chosen)
+    return [(f"trained blocks {name(trained)}", trained)] + ([(f"untrained blocks {name(untrained)}", untrained)]
+                                                               if untrained else [])
 
 
 def native_scene_size(pipe) -> int:

@@ -148,3 +148,15 @@ def test_baseline_maps(scenes):
     torch.testing.assert_close(maps[0], expected_first / expected_first.sum())
     assert torch.count_nonzero(maps[1]) == 0
     torch.testing.assert_close(maps.flatten(1).sum(dim=1), torch.tensor([1.0, 0.0, 1.0]))
+
+
+def test_a_partly_trained_models_blocks_are_scored_in_two_groups(scenes):
+    bench = scenes
+    import types
+
+    grounded = types.SimpleNamespace(concept_attention_defaults={"grounded_blocks": [1, 2]})
+    assert bench.trained_block_groups(grounded, [0, 1, 2, 3]) == [("trained blocks 1, 2", [1, 2]),
+                                                                  ("untrained blocks 0, 3", [0, 3])]
+    assert bench.trained_block_groups(types.SimpleNamespace(concept_attention_defaults={}), [0, 1, 2, 3]) == []
+    whole = types.SimpleNamespace(concept_attention_defaults={"grounded_blocks": [0, 1]})
+    assert bench.trained_block_groups(whole, [0, 1]) == [("trained blocks 0, 1", [0, 1])]
