@@ -43,7 +43,9 @@ def library_defaults(num_layers: int, layers: list[int] | None = None, recipe: d
                 "true_cfg_scale": 3.0, "negative_prompt": "", "layers": layers or list(range(num_layers)),
                 "examples": EXAMPLES}
     if recipe and float(recipe.get("grounding_weight") or 0) > 0:
-        blocks = [int(b) for b in str(recipe["grounding_blocks"]).split(",")]
+        from train_embedded import grounding_blocks
+
+        blocks = grounding_blocks(recipe)
         names = " and ".join(str(b) for b in blocks)
         defaults["grounded_blocks"] = blocks
         defaults["notice"] = (f"trained maps: in blocks {names} of this small model, caption words' attention to "
@@ -57,8 +59,7 @@ def export(ckpt: str, out: str, fp16: bool = False, vae_dir: str | None = None,
     from train_embedded import load_ema_pipeline
 
     pipe = load_ema_pipeline(ckpt, vae_dir)
-    step = pipe.ckpt_step
-    recipe = torch.load(ckpt, map_location="cpu", weights_only=False)["args"]
+    step, recipe = pipe.ckpt_step, pipe.ckpt_args
     if fp16:
         for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
             getattr(pipe, name).to(torch.float16)

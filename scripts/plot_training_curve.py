@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -147,7 +148,7 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=110)
     print(markdown_table(points))
-    print(f"wrote {args.out}")
+    print(f"wrote {args.out}", file=sys.stderr)
 
 
 if __name__ == "__main__":

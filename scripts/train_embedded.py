@@ -477,7 +477,7 @@ def load_ema_pipeline(ckpt_path, vae_dir: str | None = None):
     load_checkpoint(ckpt_path, pipe)
     untie(pipe.transformer)
     pipe.transformer.requires_grad_(False).eval()
-    pipe.ckpt_step = ckpt["step"]
+    pipe.ckpt_step, pipe.ckpt_args = ckpt["step"], args
     return pipe
 
 
@@ -610,7 +610,7 @@ def start_run(args) -> Run:
         opt.add_param_group({"params": list(concept_heads.parameters())})
     run.states = TextStates(pipe.transformer)
     if args.grounding_weight > 0:
-        run.inputs = BlockInputs(pipe.transformer, grounding_blocks(args))
+        run.inputs = BlockInputs(pipe.transformer, grounding_blocks(vars(args)))
     if args.compile:
         for block in [*pipe.transformer.transformer_blocks, *pipe.transformer.single_transformer_blocks]:
             block.compile()  # in place: parameter names, checkpoints and the EMA are unchanged
@@ -642,8 +642,9 @@ class StopFlag:
         print(f"signal {signum}: saving and stopping after this step", flush=True)
 
 
-def grounding_blocks(args) -> list[int]:
-    return [int(b) for b in str(args.grounding_blocks).split(",")]
+def grounding_blocks(recipe: dict) -> list[int]:
+    """The dual blocks of the grounding loss, from a recipe's ``"1,2"``."""
+    return [int(b) for b in str(recipe["grounding_blocks"]).split(",")]
 
 
 def train_step(run: Run, batch: tuple, lr: float, args) -> tuple[float, ...]:

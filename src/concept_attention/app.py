@@ -379,12 +379,13 @@ def build_app(pipe: Any) -> Any:
     app = ConceptApp(pipe)
     page = PageSettings.of(app)
     kind = "a video" if page.video else "an image"
+    notice = model_notice(pipe)
     with gr.Blocks(title="ConceptAttention") as demo:
         gr.Markdown(
             "# ConceptAttention\nWhere does the diffusion transformer see each concept? "
             f"Model: `{getattr(pipe, 'model_id', None) or type(pipe).__name__}`. Concepts need not appear in the "
             f"prompt (up to {MAX_CONCEPTS}); add a filler such as a background word so that every pixel has a home."
-            + (f"\n\n**Note on this model:** {model_notice(pipe)}" if model_notice(pipe) else ""))
+            + (f"\n\n**Note on this model:** {notice}" if notice else ""))
         with gr.Tab(f"Generate {kind}"):
             generate_tab(gr, app, page)
         with gr.Tab(f"Explain {kind}"):

@@ -2,8 +2,9 @@
 
 import json
 
+import safetensors.torch
 import torch
-from diffusers import FluxPipeline
+from diffusers import FluxPipeline, FluxTransformer2DModel
 
 from concept_attention import ConceptAttention, generate, load_pipeline
 from concept_attention.embedded.build import DEFAULT_SIZE, MAX_SEQUENCE_LENGTH
@@ -17,8 +18,9 @@ TOKENS = DEFAULTS["size"] // (2 ** (VAE_LEVELS - 1) * 2)  # VAE downsampling, th
 def test_package_is_the_build_of_this_repository():
     """The shipped defaults are the sizes the training code builds (128 px, T5 length 16 for v2)."""
     assert DEFAULTS["size"] == DEFAULT_SIZE and DEFAULTS["max_sequence_length"] == MAX_SEQUENCE_LENGTH
-    assert not (EMBEDDED_MODEL_DIR / "transformer" / "heads.safetensors").exists()
     config = json.loads((EMBEDDED_MODEL_DIR / "transformer" / "config.json").read_text())
+    shipped = safetensors.torch.load_file(EMBEDDED_MODEL_DIR / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert set(shipped) == set(FluxTransformer2DModel.from_config(config).state_dict())  # no training heads
     assert set(DEFAULTS["layers"]) <= set(range(config["num_layers"]))
     assert (EMBEDDED_MODEL_DIR / "MODEL_CARD.md").is_file()
 
