@@ -74,17 +74,25 @@ def markdown_table(points: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def decay_began(history: list[dict], index: int) -> bool:
+    """Whether the decay start set by ``history[index]`` was reached still in effect: not moved by a later
+    start, nor cancelled by ``decay_steps=0``, before that step."""
+    start = float(history[index]["change"].partition("=")[2])
+    before = [c["change"].partition("=") for c in history if int(c["step"]) < start]
+    starts = [i for i, c in enumerate(history) if int(c["step"]) < start and c["change"].startswith("decay_start=")]
+    lengths = [float(value) for name, _, value in before if name == "decay_steps"]
+    return start > 0 and bool(starts) and starts[-1] == index and bool(lengths) and lengths[-1] > 0
+
+
 def change_steps(history: list[dict]) -> list[int]:
     """Steps where recorded recipe changes take effect (a decay from its start, not from when it was set)."""
     steps = set()
-    decays = [float(c["change"].partition("=")[2]) for c in history if c["change"].startswith("decay_steps=")]
-    decay_cancelled = bool(decays) and decays[-1] == 0
-    starts = [c for c in history if c["change"].startswith("decay_start=")]
-    for change in history:
+    for index, change in enumerate(history):
         name, _, value = change["change"].partition("=")
-        if name == "decay_steps" or (name == "decay_start" and (decay_cancelled or change is not starts[-1])):
-            continue  # a decay is drawn at its start; one cancelled or moved before it began is not drawn
-        steps.add(int(float(value)) if name == "decay_start" and float(value) > 0 else int(change["step"]))
+        if name == "decay_start" and decay_began(history, index):
+            steps.add(int(float(value)))
+        elif name not in ("decay_start", "decay_steps"):
+            steps.add(int(change["step"]))
     return sorted(steps)
 
 

@@ -43,6 +43,14 @@ def test_a_decay_cancelled_before_it_began_is_not_drawn():
     assert load().change_steps(later) == [2584, 8795, 12300]  # the cancelled decay stays undrawn
 
 
+def test_a_decay_moved_before_it_began_is_drawn_where_it_began_and_a_later_one_too():
+    history = [{"step": 8795, "change": "decay_start=12300"}, {"step": 8795, "change": "decay_steps=1000"},
+               {"step": 9669, "change": "decay_start=11900"},  # moved earlier before 12300: 11900 began
+               {"step": 12702, "change": "decay_start=14500"}, {"step": 12702, "change": "decay_steps=2200"}]
+    assert load().change_steps(history) == [11900, 14500]
+    assert load().change_steps(history[:3]) == [11900]
+
+
 def test_rows_of_steps_trained_again_after_a_resume_keep_the_later_row(tmp_path):
     csv_path = tmp_path / "loss.csv"
     csv_path.write_text("step,wall_seconds,loss\n1,1.0,0.9\n2,2.0,0.8\n3,3.0,0.7\n2,4.0,0.5\n3,5.0,0.4\n")
